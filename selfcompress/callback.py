@@ -1,0 +1,240 @@
+"""The Lightning callback: wires Trainer hooks to the plain functions of the package."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from selfcompress.gates import count_closed_steps, drive_closed_to_zero, protect_outputs
+from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
+from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
+from selfcompress.size import ModelSize, exact_size, penalty
+
+METRIC_PREFIX = "selfcompress/"
+
+
+class SelfCompress(Callback):
+    """Make a network learn per-channel bit depths, close the channels it does not need.
+
+    Every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` weight gets one
+    bit depth and one exponent per output channel (paper eq. 1). The loss gains
+    ``gamma x`` the network's size in bits per original weight (eq. 5), applied once per
+    optimizer step. Bit depths and exponents are trained by the callback's own Adam,
+    whatever optimizer the LightningModule configures for the weights.
+
+    Example::
+
+        trainer = Trainer(callbacks=[SelfCompress(gamma=0.01)])
+        trainer.fit(model, datamodule)
+        compact = selfcompress.finalize(model)
+
+    Args:
+        gamma: Weight of the size term; larger gives a smaller network.
+        initial_bits: Starting bit depth of every channel.
+        bits_lr: Learning rate of the bit depths (Adam).
+        exponent_lr: Learning rate of the exponents (Adam).
+        eps: Adam epsilon for both; large on purpose, so that bit depths move steadily.
+        exclude_names: Module names (``fnmatch`` patterns) to leave uncompressed.
+        exclude_types: Module classes to leave uncompressed.
+        output_min_bits: Floor on the bit depth of layers writing the model's outputs,
+            which never lose channels.
+        ramp_steps: Optimizer steps over which a closed channel's bias and batch-norm shift
+            are brought to exactly zero.
+
+    Raises:
+        ValueError: An argument out of range (at construction), or a model with nothing to
+            compress or a filter that matches nothing (at setup).
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.01,
+        *,
+        initial_bits: float = 8.0,
+        bits_lr: float = 0.5,
+        exponent_lr: float = 0.01,
+        eps: float = 1e-3,
+        exclude_names: Sequence[str] = (),
+        exclude_types: Iterable[type[nn.Module]] = (),
+        output_min_bits: float = 2.0,
+        ramp_steps: int = 100,
+    ) -> None:
+        _check_number("gamma", gamma, low=0.0)
+        _check_number("initial_bits", initial_bits, low=1.0, high=16.0)
+        _check_number("bits_lr", bits_lr, low=0.0, inclusive_low=False)
+        _check_number("exponent_lr", exponent_lr, low=0.0)
+        _check_number("eps", eps, low=0.0, inclusive_low=False)
+        _check_number("output_min_bits", output_min_bits, low=1.0, high=16.0)
+        if not (isinstance(ramp_steps, int) and ramp_steps >= 1):
+            raise ValueError(f"`ramp_steps` must be an int >= 1, got {ramp_steps!r}.")
+        if isinstance(exclude_names, str):
+            raise ValueError(f"`exclude_names` must be a sequence of names, got the string {exclude_names!r}.")
+        self.gamma = float(gamma)
+        self.initial_bits = float(initial_bits)
+        self.bits_lr = bits_lr
+        self.exponent_lr = exponent_lr
+        self.eps = eps
+        self.exclude_names = tuple(exclude_names)
+        self.exclude_types = tuple(exclude_types)
+        self.output_min_bits = float(output_min_bits)
+        self.ramp_steps = ramp_steps
+        self.history: list[dict[str, float]] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._graph: ChannelGraph | None = None
+        self._traced: nn.Module | None = None
+        self._tensors: list[QuantizedTensor] = []
+        self._num_weights: int | None = None
+        self._stepped = False
+
+    @property
+    def graph(self) -> ChannelGraph | None:
+        """The channel groups of the traced model (known after the first training step)."""
+        return self._graph
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._tensors = prepare(
+            pl_module,
+            initial_bits=self.initial_bits,
+            exclude_names=self.exclude_names,
+            exclude_types=self.exclude_types,
+        )
+        if self._graph is None:
+            record_example_inputs(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        quantizer_ids = set()
+        for tensor in self._tensors:
+            quantizer_ids |= {id(tensor.quantizer.bits), id(tensor.quantizer.exponent)}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in quantizer_ids]
+        self._optimizer = torch.optim.Adam(
+            [
+                {"params": [t.quantizer.bits for t in self._tensors], "lr": self.bits_lr},
+                {"params": [t.quantizer.exponent for t in self._tensors], "lr": self.exponent_lr},
+            ],
+            eps=self.eps,
+            weight_decay=0.0,
+        )
+        if self._pending_state is not None:
+            self._optimizer.load_state_dict(self._pending_state["optimizer"])
+            self._pending_state = None
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._optimizer is None or optimizer is not trainer.optimizers[0]:
+            return
+        self._ensure_graph(pl_module)
+        params = [p for group in self._optimizer.param_groups for p in group["params"]]
+        if not _unscale(params, trainer):
+            self._optimizer.zero_grad(set_to_none=True)
+            return
+        bits = [t.quantizer.bits for t in self._tensors]
+        size_gradient = torch.autograd.grad(self.gamma * self.penalty(), bits)
+        for param, grad in zip(bits, size_gradient, strict=True):
+            param.grad = grad if param.grad is None else param.grad + grad
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        protect_outputs(self._tensors, self._graph, self.output_min_bits)
+        self._stepped = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stepped:
+            self._stepped = False
+            count_closed_steps(self._tensors)
+            drive_closed_to_zero(self._traced, self._tensors, self._graph, self.ramp_steps)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._graph is None:
+            return
+        figures = size_figures(self.size())
+        for name, value in figures.items():
+            pl_module.log(METRIC_PREFIX + name, value, prog_bar=name in ("bits_per_weight", "size_fraction"))
+        self.history.append({"epoch": trainer.current_epoch, **figures})
+
+    def penalty(self) -> torch.Tensor:
+        """The differentiable size term (bits per original weight), without ``gamma``."""
+        return penalty(self._tensors, self._graph, self._num_weights)
+
+    def size(self) -> ModelSize:
+        """The exact size of the model being trained."""
+        return exact_size(self._traced, self._graph)
+
+    def _ensure_graph(self, pl_module: pl.LightningModule) -> None:
+        if self._graph is not None:
+            return
+        found = traced_module(pl_module)
+        if found is None:
+            raise RuntimeError(
+                "SelfCompress could not trace the model: no forward call of a module holding all "
+                "compressed layers was seen. Set `example_input_array` on the LightningModule."
+            )
+        self._traced, inputs = found
+        stop_recording(pl_module)
+        self._tensors = quantized_tensors(self._traced)
+        self._graph = build_graph(self._traced, inputs)
+        if self._num_weights is None:
+            self._num_weights = sum(t.raw.numel() for t in self._tensors)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
+            "num_weights": self._num_weights,
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._num_weights = state_dict["num_weights"]
+        self.history = list(state_dict["history"])
+        if state_dict["optimizer"] is not None:
+            self._pending_state = {"optimizer": state_dict["optimizer"]}
+
+
+def size_figures(size: ModelSize) -> dict[str, float]:
+    """The figures logged each epoch, from one exact size."""
+    return {
+        "bits_per_weight": size.bits_per_weight,
+        "size_fraction": size.fraction_of_fp32,
+        "size_bytes": float(size.total_bytes),
+        "weights_kept": size.weights_kept / max(size.weights_total, 1),
+        "channels_open": float(size.channels_open),
+    }
+
+
+def _unscale(params: list[nn.Parameter], trainer: pl.Trainer) -> bool:
+    """Undo a mixed-precision loss scale on ``params``' gradients; False if any is not finite."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    grads = [p.grad for p in params if p.grad is not None]
+    if scaler is not None and scaler.is_enabled():
+        inverse = 1.0 / scaler.get_scale()
+        for grad in grads:
+            grad.mul_(inverse)
+    return all(bool(torch.isfinite(grad).all()) for grad in grads)
+
+
+def _check_number(
+    name: str, value: Any, *, low: float, high: float = math.inf, inclusive_low: bool = True
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if inclusive_low else value > low) and value <= high
+    if not ok:
+        bound = "[" if inclusive_low else "("
+        raise ValueError(f"`{name}` must be a finite number in {bound}{low}, {high}], got {value!r}.")

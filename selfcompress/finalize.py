@@ -1,0 +1,169 @@
+"""From a trained model to a plain compact one: bake the quantized weights, remove closed channels."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from selfcompress.graph import ExampleInputs, build_graph, example_inputs, run_forward, stop_recording
+from selfcompress.layers import bake, quantized_tensors
+from selfcompress.size import open_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RemovalReport:
+    """What :func:`finalize` removed and what it kept, and why.
+
+    Attributes:
+        removed: Per group (named by its root layer), the removed output-channel indices
+            of that layer, in the numbering before removal.
+        kept: Per group, why channels whose bit depth reached zero were kept.
+        max_abs_difference: Largest difference between the outputs of the trained model
+            and of the finalized one on the example inputs (eval mode).
+    """
+
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    max_abs_difference: float = 0.0
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(len(idxs) for idxs in self.removed.values())
+
+
+def finalize(
+    model: nn.Module, inputs: ExampleInputs | None = None, *, return_report: bool = False
+) -> nn.Module | tuple[nn.Module, RemovalReport]:
+    """A plain copy of a trained ``model``: quantized weights baked in, closed channels removed.
+
+    Channels are removed group by group (see :mod:`selfcompress.graph`): a channel goes
+    only when every layer writing it has zero bits for it and it provably reaches every
+    reader as exactly zero. Everything else is kept, and the report says why.
+
+    Args:
+        model: A model prepared by :func:`selfcompress.prepare` (or the callback), or any
+            submodule of it. It is not modified.
+        inputs: ``(args, kwargs)`` of one forward call; by default those recorded during
+            training or the module's ``example_input_array``.
+        return_report: Also return a :class:`RemovalReport`.
+
+    Raises:
+        ValueError: ``model`` has no quantized weights, or no example inputs are known.
+    """
+    tensors = quantized_tensors(model)
+    if not tensors:
+        raise ValueError("`model` has no quantized weights: call `selfcompress.prepare` or train with `SelfCompress`.")
+    inputs = inputs if inputs is not None else example_inputs(model)
+    if inputs is None:
+        raise ValueError(
+            "`inputs` is required: no forward call of this model was recorded and it has no "
+            "`example_input_array`; pass `(args, kwargs)` of one forward call."
+        )
+    stop_recording(model)
+    open_mask = open_rows(tensors)
+    compact = _plain_copy(model)
+    bake(compact)
+    report = RemovalReport()
+    remove_closed_channels(compact, open_mask, inputs, report)
+
+    was_training = model.training
+    model.eval()
+    compact.eval()
+    with torch.no_grad():
+        expected, actual = run_forward(model, inputs), run_forward(compact, inputs)
+    model.train(was_training)
+    report.max_abs_difference = _max_abs_difference(expected, actual)
+    for root, reason in report.kept.items():
+        log.info("finalize kept closed channels of '%s': %s", root, reason)
+    return (compact, report) if return_report else compact
+
+
+def remove_closed_channels(
+    model: nn.Module, open_mask: dict[str, Tensor], inputs: ExampleInputs, report: RemovalReport
+) -> None:
+    """Remove, in place, every channel of a baked ``model`` that is closed and provably silent."""
+    graph = build_graph(model, inputs)
+    kept = graph.kept_channels(open_mask)
+    candidates = graph.removable & ~kept
+    silent = _silent_channels(model, graph, inputs)
+    modules = dict(model.named_modules())
+    dg = graph.dependency
+    for root_name, offset, size in graph.roots:
+        closed = candidates[offset : offset + size]
+        if not closed.any():
+            continue
+        removable = closed & silent[offset : offset + size]
+        if (closed & ~removable).any():
+            report.kept[root_name] = "a closed channel still passes a non-zero constant (bias or batch-norm shift)"
+        idxs = removable.nonzero().flatten().tolist()
+        if not idxs:
+            continue
+        root = modules[root_name]
+        group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
+        group.prune()
+        report.removed[root_name] = idxs
+    for root_name, reason in graph.reasons.items():
+        report.kept.setdefault(root_name, reason)
+
+
+@torch.no_grad()
+def _silent_channels(model: nn.Module, graph, inputs: ExampleInputs) -> Tensor:
+    """Per global channel: whether every reader sees it as exactly zero on ``inputs``.
+
+    A channel whose writers have zero weights is the same constant for every input, so
+    one forward pass decides it.
+    """
+    peak = torch.zeros(graph.num_channels)
+    modules = dict(model.named_modules())
+    handles = []
+    for name, consumer in graph.consumers.items():
+        module = modules[name.rpartition(".")[0]]
+
+        def record(module, args, kwargs, consumer=consumer):
+            x = args[0] if args else next(iter(kwargs.values()))
+            channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
+            per_position = x.detach().abs().float().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1).amax(dim=1)
+            peak.scatter_reduce_(0, consumer.channels, per_position.cpu()[consumer.positions], reduce="amax")
+
+        handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        run_forward(model, inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return peak == 0
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """Deep copy of ``model`` that leaves behind any Trainer it is attached to."""
+    memo = {}
+    for module in model.modules():
+        for attr in ("_trainer", "_fabric"):
+            value = module.__dict__.get(attr)
+            if value is not None:
+                memo[id(value)] = None
+    return copy.deepcopy(model, memo)
+
+
+def _flat_tensors(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _flat_tensors(item)]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in _flat_tensors(item)]
+    return []
+
+
+def _max_abs_difference(expected, actual) -> float:
+    pairs = zip(_flat_tensors(expected), _flat_tensors(actual), strict=True)
+    return max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.numel()), default=0.0)

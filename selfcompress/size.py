@@ -1,0 +1,227 @@
+"""The one size function: a differentiable penalty for the loss and the exact figure.
+
+Both read the same channel groups, so a channel counts as gone exactly when it can be
+removed. The exact figure is what a packed file holds: for every kept channel its integer
+codes at the width they need, a float32 scale, a one-byte width and its float32 bias; and
+every other parameter or buffer at its own precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from selfcompress.graph import ChannelGraph
+from selfcompress.layers import QuantizedTensor, quantized_tensors
+from selfcompress.quantize import code_bits, integer_codes
+
+SCALE_BITS = 32
+WIDTH_BITS = 8
+BIAS_BITS = 32
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """Exact figures of one compressed weight."""
+
+    name: str
+    channels_open: int
+    channels_kept: int
+    channels_total: int
+    weights_kept: int
+    weights_total: int
+    mean_bits: float
+    max_bits: int
+    code_bits: int
+    overhead_bits: int
+
+    @property
+    def bits(self) -> int:
+        """Codes plus per-channel scale, width and bias."""
+        return self.code_bits + self.overhead_bits
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Exact size of a model as it would be packed, with per-layer detail."""
+
+    layers: list[LayerSize]
+    other_bits: int
+    fp32_bits: int
+    weights_total: int
+    other_tensors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bits(self) -> int:
+        return sum(layer.bits for layer in self.layers) + self.other_bits
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.total_bits + 7) // 8
+
+    @property
+    def fraction_of_fp32(self) -> float:
+        return self.total_bits / self.fp32_bits
+
+    @property
+    def weights_kept(self) -> int:
+        return sum(layer.weights_kept for layer in self.layers)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Code bits per weight of the compressed layers as they started."""
+        return sum(layer.code_bits for layer in self.layers) / max(self.weights_total, 1)
+
+    @property
+    def channels_open(self) -> int:
+        return sum(layer.channels_open for layer in self.layers)
+
+    @property
+    def channels_total(self) -> int:
+        return sum(layer.channels_total for layer in self.layers)
+
+
+def _row_fan_in(tensor: QuantizedTensor, live_inputs: Tensor) -> Tensor:
+    """Live weights per output row, given a boolean mask over the layer's input channels."""
+    rows = tensor.raw.shape[0]
+    groups = tensor.groups
+    per_input = tensor.raw[0].numel() * groups // tensor.in_channels  # kernel positions
+    live_per_group = live_inputs.reshape(groups, -1).sum(dim=1)
+    return live_per_group.repeat_interleave(rows // groups) * per_input
+
+
+def _live_inputs(tensor: QuantizedTensor, graph: ChannelGraph, kept: Tensor) -> Tensor:
+    live = torch.ones(tensor.in_channels, dtype=torch.bool)
+    consumer = graph.consumers.get(tensor.name)
+    if consumer is not None:
+        live[consumer.positions] = kept[consumer.channels]
+    return live
+
+
+def _kept_rows(tensor: QuantizedTensor, graph: ChannelGraph, kept: Tensor) -> Tensor:
+    rows = torch.ones(tensor.raw.shape[0], dtype=torch.bool)
+    producer = graph.producers.get(tensor.name)
+    if producer is not None:
+        rows[producer.rows] = kept[producer.channels]
+    return rows
+
+
+def open_rows(tensors: list[QuantizedTensor]) -> dict[str, Tensor]:
+    return {t.name: t.quantizer.open.cpu() for t in tensors}
+
+
+def penalty(tensors: list[QuantizedTensor], graph: ChannelGraph, num_weights: int) -> Tensor:
+    """Differentiable size in bits per original weight (paper eq. 5 over channel groups).
+
+    Each layer costs ``live fan-in x sum of its channel bit depths`` plus, so that a
+    producer learns what closing saves downstream, ``live outputs x kernel x bits of the
+    producers of each live input``. The live counts carry no gradient.
+    """
+    kept = graph.kept_channels(open_rows(tensors))
+    device = tensors[0].quantizer.bits.device
+    channel_bits = torch.zeros(graph.num_channels, device=device)
+    bits = {t.name: t.quantizer.bits.reshape(-1).clamp_min(0) for t in tensors}
+    for name, producer in graph.producers.items():
+        if name in bits:
+            channel_bits = channel_bits.index_add(0, producer.channels.to(device), bits[name][producer.rows.to(device)])
+    total = torch.zeros((), device=device)
+    for tensor in tensors:
+        live_inputs = _live_inputs(tensor, graph, kept)
+        fan_in = _row_fan_in(tensor, live_inputs).to(device, torch.float32)
+        total = total + (fan_in * bits[tensor.name]).sum()
+        consumer = graph.consumers.get(tensor.name)
+        if consumer is not None:
+            rows_live = _kept_rows(tensor, graph, kept) & tensor.quantizer.open.cpu()
+            per_input = tensor.raw[0].numel() * tensor.groups / tensor.in_channels
+            upstream = channel_bits[consumer.channels.to(device)].sum()
+            total = total + float(rows_live.sum()) * per_input / tensor.groups * upstream
+    return total / num_weights
+
+
+@torch.no_grad()
+def exact_size(model: nn.Module, graph: ChannelGraph) -> ModelSize:
+    """The exact packed size of a prepared ``model``, per layer and in total."""
+    tensors = quantized_tensors(model)
+    kept = graph.kept_channels(open_rows(tensors))
+    layers = []
+    counted: set[int] = set()
+    for tensor in tensors:
+        quantizer = tensor.quantizer
+        widths = code_bits(integer_codes(tensor.raw.float(), quantizer.bits, quantizer.exponent)).cpu()
+        rows_kept = _kept_rows(tensor, graph, kept)
+        fan_in = _row_fan_in(tensor, _live_inputs(tensor, graph, kept))
+        overhead_per_row = SCALE_BITS + WIDTH_BITS + (BIAS_BITS if tensor.bias is not None else 0)
+        overhead = int(rows_kept.sum()) * overhead_per_row
+        code = int((widths * fan_in)[rows_kept].sum())
+        open_mask = quantizer.open.cpu() & rows_kept
+        layer = LayerSize(
+            name=tensor.name,
+            channels_open=int(open_mask.sum()),
+            channels_kept=int(rows_kept.sum()),
+            channels_total=len(rows_kept),
+            weights_kept=int(fan_in[rows_kept].sum()),
+            weights_total=tensor.raw.numel(),
+            mean_bits=float(widths[open_mask].float().mean()) if open_mask.any() else 0.0,
+            max_bits=int(widths.max()) if len(widths) else 0,
+            code_bits=code,
+            overhead_bits=overhead,
+        )
+        layers.append(layer)
+        counted.update(id(p) for p in (tensor.raw, tensor.bias) if p is not None)
+        counted.update(id(p) for p in quantizer.parameters())
+        counted.update(id(b) for b in quantizer.buffers())
+
+    other_tensors = {}
+    for name, value in _state_tensors(model):
+        if id(value) in counted:
+            continue
+        other_tensors[name] = _kept_elements(name, value, graph, kept) * value.element_size() * 8
+    quantizer_params = {id(p) for t in tensors for p in t.quantizer.parameters()}
+    fp32_bits = 32 * sum(p.numel() for p in model.parameters() if id(p) not in quantizer_params)
+    return ModelSize(
+        layers=layers,
+        other_bits=sum(other_tensors.values()),
+        fp32_bits=fp32_bits,
+        weights_total=sum(layer.weights_total for layer in layers),
+        other_tensors=other_tensors,
+    )
+
+
+def _state_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
+    seen: set[int] = set()
+    found = []
+    for name, value in [*model.named_parameters(), *model.named_buffers()]:
+        if id(value) not in seen:
+            seen.add(id(value))
+            found.append((name, value))
+    return found
+
+
+def _kept_elements(name: str, value: Tensor, graph: ChannelGraph, kept: Tensor) -> int:
+    """Elements of a follower's per-channel tensor that stay; other tensors stay whole."""
+    module_name, _, _ = name.rpartition(".")
+    followers = graph.followers.get(module_name)
+    if not followers or value.dim() == 0:
+        return value.numel()
+    positions = torch.cat([f.positions for f in followers])
+    channels = torch.cat([f.channels for f in followers])
+    if value.shape[0] <= int(positions.max()):
+        return value.numel()
+    removed = int((~kept[channels]).sum())
+    return value.numel() // value.shape[0] * (value.shape[0] - removed)
+
+
+def format_size_table(size: ModelSize) -> str:
+    """A plain-text table of the per-layer figures and the total."""
+    header = f"{'layer':<28}{'channels':>12}{'weights kept':>16}{'mean bits':>11}{'bytes':>10}"
+    lines = [header, "-" * len(header)]
+    for layer in size.layers:
+        channels = f"{layer.channels_open}/{layer.channels_total}"
+        weights = f"{layer.weights_kept}/{layer.weights_total}"
+        lines.append(f"{layer.name:<28}{channels:>12}{weights:>16}{layer.mean_bits:>11.2f}{(layer.bits + 7) // 8:>10,}")
+    lines.append(f"{'other tensors':<28}{'':>12}{'':>16}{'':>11}{(size.other_bits + 7) // 8:>10,}")
+    lines.append(f"{'total':<28}{size.channels_open:>5}/{size.channels_total:<6}{'':>16}"
+                 f"{size.bits_per_weight:>11.2f}{size.total_bytes:>10,}")
+    return "\n".join(lines)
