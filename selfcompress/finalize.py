@@ -23,14 +23,21 @@ class RemovalReport:
     Attributes:
         removed: Per group (named by its root layer), the removed output-channel indices
             of that layer, in the numbering before removal.
-        kept: Per group, why channels whose bit depth reached zero were kept.
+        kept: Per group, why its channels (or some closed ones) were kept: the group is
+            not removable at all (outputs, a normalisation over channels, attention), or a
+            closed channel still passes a non-zero constant.
+        kept_closed: Per group, the closed channels (every writer at zero bits) that were
+            kept anyway, in the root layer's numbering; ``kept`` says why.
         max_abs_difference: Largest difference between the outputs of the trained model
             and of the finalized one on the example inputs (eval mode).
+        output_scale: Largest absolute output of the trained model on those inputs.
     """
 
     removed: dict[str, list[int]] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    kept_closed: dict[str, list[int]] = field(default_factory=dict)
     max_abs_difference: float = 0.0
+    output_scale: float = 0.0
 
     @property
     def channels_removed(self) -> int:
@@ -38,7 +45,11 @@ class RemovalReport:
 
 
 def finalize(
-    model: nn.Module, inputs: ExampleInputs | None = None, *, return_report: bool = False
+    model: nn.Module,
+    inputs: ExampleInputs | None = None,
+    *,
+    return_report: bool = False,
+    tolerance: float | None = 1e-5,
 ) -> nn.Module | tuple[nn.Module, RemovalReport]:
     """A plain copy of a trained ``model``: quantized weights baked in, closed channels removed.
 
@@ -52,9 +63,14 @@ def finalize(
         inputs: ``(args, kwargs)`` of one forward call; by default those recorded during
             training or the module's ``example_input_array``.
         return_report: Also return a :class:`RemovalReport`.
+        tolerance: Largest allowed difference between the outputs of ``model`` and of the
+            result (eval mode, on ``inputs``), relative to the largest output magnitude.
+            ``None`` skips the check (the report still holds the difference).
 
     Raises:
         ValueError: ``model`` has no quantized weights, or no example inputs are known.
+        RuntimeError: The finalized model's outputs differ from the trained model's by
+            more than ``tolerance``: a dependency the channel groups missed.
     """
     tensors = quantized_tensors(model)
     if not tensors:
@@ -78,7 +94,13 @@ def finalize(
     with torch.no_grad():
         expected, actual = run_forward(model, inputs), run_forward(compact, inputs)
     model.train(was_training)
-    report.max_abs_difference = _max_abs_difference(expected, actual)
+    report.max_abs_difference, report.output_scale = _compare(expected, actual)
+    if tolerance is not None and report.max_abs_difference > tolerance * max(report.output_scale, 1e-12):
+        raise RuntimeError(
+            f"finalize changed the model's outputs by {report.max_abs_difference:.3g} (largest output "
+            f"{report.output_scale:.3g}, tolerance {tolerance:g} relative); removed {report.removed}. "
+            "This is a bug in the channel groups: please report it with the model."
+        )
     for root, reason in report.kept.items():
         log.info("finalize kept closed channels of '%s': %s", root, reason)
     return (compact, report) if return_report else compact
@@ -101,6 +123,7 @@ def remove_closed_channels(
         removable = closed & silent[offset : offset + size]
         if (closed & ~removable).any():
             report.kept[root_name] = "a closed channel still passes a non-zero constant (bias or batch-norm shift)"
+            report.kept_closed[root_name] = (closed & ~removable).nonzero().flatten().tolist()
         idxs = removable.nonzero().flatten().tolist()
         if not idxs:
             continue
@@ -108,8 +131,26 @@ def remove_closed_channels(
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
         group.prune()
         report.removed[root_name] = idxs
-    for root_name, reason in graph.reasons.items():
+    closed_whole = ~graph.removable & ~_any_writer_open(graph, open_mask)
+    for root_name, offset, size in graph.roots:
+        reason = graph.reasons.get(root_name)
+        if reason is None:
+            continue
         report.kept.setdefault(root_name, reason)
+        closed = closed_whole[offset : offset + size].nonzero().flatten().tolist()
+        if closed:
+            report.kept_closed[root_name] = closed
+
+
+def _any_writer_open(graph, open_mask: dict[str, Tensor]) -> Tensor:
+    """Per global channel: whether some layer writing it has it open (uncompressed writers are open)."""
+    any_open = torch.zeros(graph.num_channels, dtype=torch.bool)
+    for name, producer in graph.producers.items():
+        rows_open = (
+            open_mask[name][producer.rows] if name in open_mask else torch.ones_like(producer.rows, dtype=torch.bool)
+        )
+        any_open.index_put_((producer.channels,), rows_open.cpu(), accumulate=True)
+    return any_open
 
 
 @torch.no_grad()
@@ -128,7 +169,8 @@ def _silent_channels(model: nn.Module, graph, inputs: ExampleInputs) -> Tensor:
         def record(module, args, kwargs, consumer=consumer):
             x = args[0] if args else next(iter(kwargs.values()))
             channel_dim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else -1
-            per_position = x.detach().abs().float().movedim(channel_dim, 0).reshape(x.shape[channel_dim], -1).amax(dim=1)
+            magnitude = x.detach().abs().float().movedim(channel_dim, 0)
+            per_position = magnitude.reshape(x.shape[channel_dim], -1).amax(dim=1)
             peak.scatter_reduce_(0, consumer.channels, per_position.cpu()[consumer.positions], reduce="amax")
 
         handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
@@ -164,6 +206,15 @@ def _flat_tensors(value) -> list[Tensor]:
     return []
 
 
-def _max_abs_difference(expected, actual) -> float:
-    pairs = zip(_flat_tensors(expected), _flat_tensors(actual), strict=True)
-    return max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.numel()), default=0.0)
+def _compare(expected, actual) -> tuple[float, float]:
+    """(largest absolute difference, largest absolute expected value) over all output tensors."""
+    expected, actual = _flat_tensors(expected), _flat_tensors(actual)
+    if len(expected) != len(actual) or any(a.shape != b.shape for a, b in zip(expected, actual, strict=True)):
+        raise RuntimeError(
+            "finalize changed the shape of the model's outputs: "
+            f"{[tuple(t.shape) for t in expected]} -> {[tuple(t.shape) for t in actual]}."
+        )
+    pairs = zip(expected, actual, strict=True)
+    difference = max((float((a.float() - b.float()).abs().max()) for a, b in pairs if a.numel()), default=0.0)
+    scale = max((float(a.float().abs().max()) for a in expected if a.numel()), default=0.0)
+    return difference, scale

@@ -23,6 +23,12 @@ from selfcompress.layers import COMPRESSIBLE, quantized_tensors
 #: Modules that normalise across channels: a channel they see cannot be removed exactly.
 CHANNEL_NORMALISERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
 
+#: Traced operations (autograd node names) that multiply two activations along channels:
+#: ``q @ k.T``, ``attn @ v``, fused attention. Torch-Pruning couples every channel that
+#: meets there index by index, but the layer after ``reshape(b, t, heads, -1)`` sees a head
+#: size (and often a ``1/sqrt(head size)`` scale) that removing channels would change.
+CHANNEL_PRODUCTS: tuple[str, ...] = ("Bmm", "Baddbmm", "MatMul", "ScaledDotProduct", "Attention", "Einsum")
+
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
 _examples: weakref.WeakKeyDictionary[nn.Module, ExampleInputs] = weakref.WeakKeyDictionary()
 _recording: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
@@ -87,7 +93,10 @@ class ChannelGraph:
         """
         any_open = ~self.removable.clone()
         for name, producer in self.producers.items():
-            rows_open = open_rows[name][producer.rows] if name in open_rows else torch.ones_like(producer.rows, dtype=torch.bool)
+            if name in open_rows:
+                rows_open = open_rows[name][producer.rows]
+            else:
+                rows_open = torch.ones_like(producer.rows, dtype=torch.bool)
             any_open.index_put_((producer.channels,), rows_open.to(any_open.device), accumulate=True)
         return any_open
 
@@ -125,7 +134,12 @@ def example_inputs(model: nn.Module) -> ExampleInputs | None:
     recorded = _examples.get(model)
     if recorded is None and getattr(model, "example_input_array", None) is not None:
         array = model.example_input_array
-        recorded = ((array,), {}) if not isinstance(array, (tuple, dict)) else ((array if isinstance(array, tuple) else ()), (array if isinstance(array, dict) else {}))
+        if isinstance(array, tuple):
+            recorded = (array, {})
+        elif isinstance(array, dict):
+            recorded = ((), array)
+        else:
+            recorded = ((array,), {})
     return recorded
 
 
@@ -225,7 +239,14 @@ def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> Channe
         for item in group:
             module = item.dep.target.module
             if module not in names:
-                continue  # a traced operation (add, concat, reshape), not a module
+                # A traced operation (add, concat, reshape, matmul), not a module.
+                grad_fn = str(getattr(module, "_grad_fn", ""))
+                if any(op in grad_fn for op in CHANNEL_PRODUCTS):
+                    reason = reason or (
+                        f"these channels meet in a product of activations ({grad_fn}, e.g. attention "
+                        "split into heads): removing them would change the head size and its scaling"
+                    )
+                continue
             idxs = torch.as_tensor(item.idxs, dtype=torch.int64)
             channels = torch.as_tensor(item.root_idxs, dtype=torch.int64) + offset
             handler = item.dep.handler
@@ -263,17 +284,12 @@ def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> Channe
         roots=roots,
         dependency=dg,
     )
-    graph.outputs = {name for name in graph.producers if _is_output(name, graph)}
-    return graph
-
-
-def _is_output(name: str, graph: ChannelGraph) -> bool:
-    """Whether every channel ``name`` writes belongs to a group with no consumer."""
-    channels = graph.producers[name].channels
     consumed = torch.zeros(graph.num_channels, dtype=torch.bool)
     for consumer in graph.consumers.values():
         consumed[consumer.channels] = True
-    return not consumed[channels].any()
+    # Layers whose every channel belongs to a group with no consumer write the model's outputs.
+    graph.outputs = {name for name, producer in graph.producers.items() if not consumed[producer.channels].any()}
+    return graph
 
 
 def _cat(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

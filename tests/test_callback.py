@@ -1,0 +1,159 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from selfcompress import SelfCompress, finalize, quantized_tensors
+from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
+
+
+def fit(callback: SelfCompress, epochs: int = 3, seed: int = 0, optimizer: str = "adamw", dropout=0.1, **trainer_kwargs):
+    pl.seed_everything(seed, verbose=False)
+    model = Classifier(small_cnn(dropout=dropout), optimizer=optimizer)
+    trainer = tiny_trainer(epochs, callbacks=[callback], **trainer_kwargs)
+    trainer.fit(model, random_loader())
+    return model, trainer
+
+
+def mean_bits(model: nn.Module) -> float:
+    bits = torch.cat([t.quantizer.bits.detach().flatten() for t in quantized_tensors(model)])
+    return float(bits.clamp_min(0).mean())
+
+
+def test_bits_fall_and_figures_are_logged() -> None:
+    callback = SelfCompress(gamma=0.5)
+    model, trainer = fit(callback)
+    assert mean_bits(model) < 8.0 - 0.5
+    for name in ("bits_per_weight", "size_fraction", "weights_kept", "channels_open"):
+        assert f"selfcompress/{name}" in trainer.callback_metrics
+    assert [entry["epoch"] for entry in callback.history] == [0, 1, 2]
+    assert trainer.callback_metrics["selfcompress/size_fraction"].item() == pytest.approx(callback.size().fraction_of_fp32)
+
+
+def test_larger_gamma_gives_a_smaller_network() -> None:
+    small, large = SelfCompress(gamma=0.05), SelfCompress(gamma=2.0)
+    fit(small, epochs=4)
+    fit(large, epochs=4)
+    assert large.size().total_bits < small.size().total_bits
+
+
+def test_output_layer_keeps_every_channel() -> None:
+    callback = SelfCompress(gamma=20.0, bits_lr=2.0)
+    model, _ = fit(callback, epochs=4)
+    head = quantized_tensors(model)[-1]
+    assert head.name == "net.9.weight"
+    assert bool(head.quantizer.open.all())
+    assert float(head.quantizer.bits.detach().min()) >= callback.output_min_bits
+
+
+def test_user_optimizer_does_not_train_bits_or_exponents() -> None:
+    model, trainer = fit(SelfCompress(gamma=0.1), epochs=1)
+    user_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    quantizer_params = {id(p) for t in quantized_tensors(model) for p in (t.quantizer.bits, t.quantizer.exponent)}
+    assert not user_params & quantizer_params
+    assert {id(t.raw) for t in quantized_tensors(model)} <= user_params
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        dict(optimizer="sgd-onecycle"),
+        dict(accumulate_grad_batches=2),
+        dict(gradient_clip_val=0.5),
+        dict(precision="bf16-mixed"),
+        dict(precision="16-mixed"),
+    ],
+    ids=["sgd-onecycle", "accumulate", "clip", "bf16-mixed", "16-mixed"],
+)
+def test_runs_under_the_setups_users_run(setup: dict) -> None:
+    callback = SelfCompress(gamma=0.5)
+    model, trainer = fit(callback, epochs=2, **setup)
+    steps = trainer.global_step
+    assert steps == 2 * 4 // setup.get("accumulate_grad_batches", 1)
+    # One size step per optimizer step, whatever the accumulation.
+    state = callback._optimizer.state_dict()["state"]
+    assert all(int(s["step"]) == steps for s in state.values())
+    assert mean_bits(model) < 8.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path) -> None:
+    # No dropout: Lightning checkpoints do not hold the global random state.
+    full_callback = SelfCompress(gamma=0.5, ramp_steps=3)
+    full, _ = fit(full_callback, epochs=4, dropout=0.0)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    pl.seed_everything(0, verbose=False)
+    first = Classifier(small_cnn(dropout=0.0))
+    tiny_trainer(2, callbacks=[SelfCompress(gamma=0.5, ramp_steps=3), checkpoint], enable_checkpointing=True).fit(
+        first, random_loader()
+    )
+    pl.seed_everything(123, verbose=False)
+    resumed = Classifier(small_cnn(dropout=0.0))
+    resumed_callback = SelfCompress(gamma=0.5, ramp_steps=3)
+    tiny_trainer(4, callbacks=[resumed_callback]).fit(resumed, random_loader(), ckpt_path=tmp_path / "last.ckpt")
+
+    expected, actual = full.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+    expected_state = full_callback._optimizer.state_dict()["state"]
+    actual_state = resumed_callback._optimizer.state_dict()["state"]
+    for index in expected_state:
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(actual_state[index][name], expected_state[index][name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(gamma=-0.1), "`gamma`"),
+        (dict(gamma=math.nan), "`gamma`"),
+        (dict(gamma=math.inf), "`gamma`"),
+        (dict(gamma="0.1"), "`gamma`"),
+        (dict(initial_bits=0), "`initial_bits`"),
+        (dict(initial_bits=17), "`initial_bits`"),
+        (dict(bits_lr=0), "`bits_lr`"),
+        (dict(eps=-1), "`eps`"),
+        (dict(ramp_steps=0), "`ramp_steps`"),
+        (dict(output_min_bits=0.5), "`output_min_bits`"),
+        (dict(exclude_names="net.0"), "`exclude_names`"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SelfCompress(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(exclude_names=["no_such_layer"]), "'no_such_layer' matches no module"),
+        (dict(exclude_types=[nn.LSTM]), "LSTM matches no module"),
+        (dict(exclude_types=[nn.Conv2d, nn.Linear]), "nothing to compress"),
+    ],
+)
+def test_bad_filters_fail_at_setup(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        fit(SelfCompress(gamma=0.1, **kwargs), epochs=1)
+
+
+def test_excluded_layers_stay_in_full_precision() -> None:
+    model, _ = fit(SelfCompress(gamma=0.1, exclude_names=["net.0"], exclude_types=[nn.Linear]), epochs=1)
+    assert [t.name for t in quantized_tensors(model)] == ["net.3.weight"]
+
+
+def test_finalize_after_training_matches_the_trained_model() -> None:
+    callback = SelfCompress(gamma=3.0, bits_lr=1.0, ramp_steps=2)
+    model, _ = fit(callback, epochs=6)
+    compact, report = finalize(model, return_report=True)
+    assert report.channels_removed > 0
+    x = next(iter(random_loader()))[0]
+    model.eval()
+    with torch.no_grad():
+        expected, actual = model(x), compact(x)
+    assert (expected - actual).abs().max() <= 1e-5 * expected.abs().max()
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in Classifier().parameters())
