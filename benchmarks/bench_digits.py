@@ -1,0 +1,56 @@
+"""Digits CNN: accuracy and exact size with SelfCompress against the same net in fp32.
+
+    python benchmarks/bench_digits.py --epochs 30 --gamma 0.1 --out digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "examples")]
+
+from common import header, write_json  # noqa: E402
+from digits import accuracy, digits_loaders, train  # noqa: E402
+
+import selfcompress  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="two epochs, to check the script runs")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    epochs = 2 if args.smoke else args.epochs
+
+    rows = []
+    for seed in range(args.seeds):
+        start = time.perf_counter()
+        baseline, baseline_acc = train(epochs, gamma=None, seed=seed)
+        compressed, compressed_acc = train(epochs, gamma=args.gamma, seed=seed)
+        size = selfcompress.exact_size(compressed.net, selfcompress.build_graph(compressed.net))
+        compact_acc = accuracy(selfcompress.finalize(compressed.net), digits_loaders(seed=seed)[1])
+        fp32_bytes = 4 * sum(p.numel() for p in baseline.parameters())
+        rows.append(
+            dict(seed=seed, fp32_accuracy=baseline_acc, accuracy=compressed_acc, finalized_accuracy=compact_acc,
+                 fp32_bytes=fp32_bytes, exact_bytes=size.total_bytes, fraction=size.total_bytes / fp32_bytes,
+                 seconds=time.perf_counter() - start)
+        )
+    print(header())
+    print(f"digits CNN, {epochs} epochs, gamma {args.gamma}")
+    print(f"{'seed':>4} {'fp32 acc':>9} {'compressed':>11} {'finalized':>10} {'exact bytes':>12} {'of fp32':>8}")
+    for r in rows:
+        print(f"{r['seed']:>4} {r['fp32_accuracy']:>9.2%} {r['accuracy']:>11.2%} {r['finalized_accuracy']:>10.2%} "
+              f"{r['exact_bytes']:>12,} {r['fraction']:>8.2%}")
+    results = {"epochs": epochs, "gamma": args.gamma, "runs": rows}
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Each benchmark's smoke setting runs, so the scripts cannot silently rot."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_digits_benchmark_smoke(tmp_path, capsys) -> None:
+    results = load("bench_digits").main(["--smoke", "--out", str(tmp_path / "digits.json")])
+    run = results["runs"][0]
+    assert 0.0 < run["fraction"] < 1.0
+    assert 0.0 <= run["accuracy"] <= 1.0
+    assert run["finalized_accuracy"] == pytest.approx(run["accuracy"], abs=0.01)
+    assert "machine:" in capsys.readouterr().out
+    assert (tmp_path / "digits.json").exists()
