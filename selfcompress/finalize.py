@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from selfcompress.graph import ExampleInputs, build_graph, example_inputs, run_forward, stop_recording
+from selfcompress.graph import (
+    ExampleInputs,
+    build_graph,
+    example_inputs,
+    run_forward,
+    stop_recording,
+    traced_module,
+)
 from selfcompress.layers import bake, quantized_tensors
 from selfcompress.size import open_rows
 
@@ -61,7 +68,8 @@ def finalize(
         model: A model prepared by :func:`selfcompress.prepare` (or the callback), or any
             submodule of it. It is not modified.
         inputs: ``(args, kwargs)`` of one forward call; by default those recorded during
-            training or the module's ``example_input_array``.
+            training or the module's ``example_input_array``. A model whose training
+            step calls a submodule (``self.net(x)``) is traced through that submodule.
         return_report: Also return a :class:`RemovalReport`.
         tolerance: Largest allowed difference between the outputs of ``model`` and of the
             result (eval mode, on ``inputs``), relative to the largest output magnitude.
@@ -75,24 +83,36 @@ def finalize(
     tensors = quantized_tensors(model)
     if not tensors:
         raise ValueError("`model` has no quantized weights: call `selfcompress.prepare` or train with `SelfCompress`.")
+    traced, path = model, ""
     inputs = inputs if inputs is not None else example_inputs(model)
+    if inputs is None:
+        # A LightningModule whose training_step calls `self.net(x)`: trace `self.net`.
+        found = traced_module(model)
+        if found is not None:
+            traced, inputs = found
+            path = next(name for name, module in model.named_modules() if module is traced)
     if inputs is None:
         raise ValueError(
             "`inputs` is required: no forward call of this model was recorded and it has no "
             "`example_input_array`; pass `(args, kwargs)` of one forward call."
         )
     stop_recording(model)
-    open_mask = open_rows(tensors)
+    open_mask = open_rows(quantized_tensors(traced))
     compact = _plain_copy(model)
     bake(compact)
+    compact_traced = compact.get_submodule(path) if path else compact
     report = RemovalReport()
-    remove_closed_channels(compact, open_mask, inputs, report)
+    remove_closed_channels(compact_traced, open_mask, inputs, report)
+    if path:
+        report.removed = {f"{path}.{k}": v for k, v in report.removed.items()}
+        report.kept = {f"{path}.{k}": v for k, v in report.kept.items()}
+        report.kept_closed = {f"{path}.{k}": v for k, v in report.kept_closed.items()}
 
     was_training = model.training
     model.eval()
     compact.eval()
     with torch.no_grad():
-        expected, actual = run_forward(model, inputs), run_forward(compact, inputs)
+        expected, actual = run_forward(traced, inputs), run_forward(compact_traced, inputs)
     model.train(was_training)
     report.max_abs_difference, report.output_scale = _compare(expected, actual)
     if tolerance is not None and report.max_abs_difference > tolerance * max(report.output_scale, 1e-12):
@@ -125,6 +145,10 @@ def remove_closed_channels(
             report.kept[root_name] = "a closed channel still passes a non-zero constant (bias or batch-norm shift)"
             report.kept_closed[root_name] = (closed & ~removable).nonzero().flatten().tolist()
         idxs = removable.nonzero().flatten().tolist()
+        if len(idxs) == size:
+            # PyTorch layers cannot have zero channels: keep one (exactly zero) channel.
+            report.kept.setdefault(root_name, "every channel is closed; one is kept so that the layers stay valid")
+            report.kept_closed.setdefault(root_name, []).append(idxs.pop(0))
         if not idxs:
             continue
         root = modules[root_name]

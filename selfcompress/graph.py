@@ -254,6 +254,11 @@ def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> Channe
                 reason = reason or f"{type(module).__name__} '{names[module]}' normalises over these channels"
             elif isinstance(module, nn.MultiheadAttention):
                 reason = reason or f"attention '{names[module]}' mixes these channels across its heads"
+            if _is_grouped(module):
+                reason = reason or (
+                    f"grouped convolution '{names[module]}' (groups={module.groups}) needs the same number of "
+                    "channels in every group"
+                )
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 key = weight_names.get((module, "weight"), f"{names[module]}.weight" if names[module] else "weight")
                 if dg.is_out_channel_pruning_fn(handler):
@@ -290,6 +295,17 @@ def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> Channe
     # Layers whose every channel belongs to a group with no consumer write the model's outputs.
     graph.outputs = {name for name, producer in graph.producers.items() if not consumed[producer.channels].any()}
     return graph
+
+
+def _is_grouped(module: nn.Module) -> bool:
+    """A grouped convolution other than a depthwise one (which Torch-Pruning handles exactly).
+
+    Torch-Pruning indexes a grouped convolution's input channels as if it were dense and
+    keeps ``groups`` unchanged, so removing channels there would corrupt it.
+    """
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or module.groups == 1:
+        return False
+    return not (module.groups == module.in_channels == module.out_channels)
 
 
 def _cat(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,7 @@ raises :class:`SelfCompressFormatError`, and the model is left untouched.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -41,7 +42,9 @@ METADATA_KEY = "selfcompress"
 _CODES, _SCALE, _WIDTH = "::codes", "::scale", "::width"
 
 #: Module attributes that channel removal may change, restored by :func:`load`.
-_SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "num_parameters")
+_SHAPE_ATTRS = (
+    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "num_parameters"
+)
 
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
@@ -113,10 +116,12 @@ def compressed_codes(
             rows[removed[tensor.name]] = False
         if int(rows.sum()) != weight.shape[0]:
             raise SelfCompressFormatError(
-                f"'{tensor.name}': {int(rows.sum())} rows expected after removal, the finalized model has {weight.shape[0]}."
+                f"'{tensor.name}': {int(rows.sum())} rows expected after removal, "
+                f"the finalized model has {weight.shape[0]}."
             )
-        exponent = tensor.quantizer.exponent.detach().reshape(-1).cpu()[rows]
-        scale = torch.exp2(exponent).float()
+        # exp2 of the whole exponent tensor, as the quantizer computes it: a vectorised
+        # exp2 may differ by an ulp between SIMD lanes and the tail of a shorter tensor.
+        scale = torch.exp2(tensor.quantizer.exponent.detach()).float().reshape(-1).cpu()[rows]
         weight = weight.detach().cpu()
         shape = (-1,) + (1,) * (weight.dim() - 1)
         codes = torch.round(weight.float() / scale.reshape(shape)).to(torch.int32)
@@ -166,32 +171,38 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: ExampleInputs | None
     compact, report, layers = compressed_codes(model, inputs)
     original = _original_shapes(model)
     tensors: dict[str, Tensor] = {}
-    entries: dict[str, dict] = {}
+    packed: dict[str, dict] = {}
+    original_shapes: dict[str, list[int]] = {}
     for name, value in compact.state_dict().items():
-        entry: dict = {"shape": list(value.shape)}
         if tuple(original.get(name, value.shape)) != tuple(value.shape):
-            entry["original_shape"] = list(original[name])
+            original_shapes[name] = list(original[name])
         layer = layers.get(name)
         if layer is None:
             tensors[name] = value.detach().cpu().contiguous()
-        else:
-            if layer.dtype not in _DTYPES.values():
-                raise SelfCompressFormatError(f"'{name}' has unsupported dtype {layer.dtype}.")
-            entry["dtype"] = str(layer.dtype).removeprefix("torch.")
-            entry["packed"] = True
-            tensors[name + _CODES] = pack_codes(layer.codes.reshape(layer.codes.shape[0], -1), layer.widths)
-            tensors[name + _SCALE] = layer.scale.contiguous()
-            tensors[name + _WIDTH] = layer.widths.to(torch.uint8)
-        entries[name] = entry
+            continue
+        if layer.dtype not in _DTYPES.values():
+            raise SelfCompressFormatError(f"'{name}' has unsupported dtype {layer.dtype}.")
+        packed[name] = {"shape": list(value.shape), "dtype": str(layer.dtype).removeprefix("torch.")}
+        tensors[name + _CODES] = pack_codes(layer.codes.reshape(layer.codes.shape[0], -1), layer.widths)
+        tensors[name + _SCALE] = layer.scale.contiguous()
+        tensors[name + _WIDTH] = layer.widths.to(torch.uint8)
+    before = dict(model.named_modules())
     modules = {}
     for module_name, module in compact.named_modules():
-        attrs = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if isinstance(getattr(module, attr, None), int)}
+        old = before.get(module_name)
+        attrs = {
+            attr: getattr(module, attr)
+            for attr in _SHAPE_ATTRS
+            if isinstance(getattr(module, attr, None), int) and getattr(old, attr, None) != getattr(module, attr)
+        }
         if attrs:
-            modules[module_name] = {"type": type(module).__name__, "attrs": attrs}
+            modules[module_name] = [type(module).__name__, attrs]
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
-        "tensors": entries,
+        "sha256": _digest(tensors),
+        "packed": packed,
+        "original_shapes": original_shapes,
         "modules": modules,
         "removed": {root: list(map(int, idxs)) for root, idxs in report.removed.items()},
     }
@@ -205,6 +216,15 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: ExampleInputs | None
         if os.path.exists(tmp):
             os.unlink(tmp)
     return manifest
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over every stored tensor's name and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode("utf-8") + b"\0")
+        digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _original_shapes(model: nn.Module) -> dict[str, torch.Size]:
@@ -248,77 +268,74 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise SelfCompressFormatError(f"'{path}' has an invalid format version {version!r}.")
     if version > FORMAT_VERSION:
         raise SelfCompressFormatError(
-            f"'{path}' uses format version {version}; this selfcompress reads up to {FORMAT_VERSION}. Upgrade selfcompress."
+            f"'{path}' uses format version {version}; this selfcompress reads up to {FORMAT_VERSION}. "
+            "Upgrade selfcompress."
         )
     try:
         stored = safetensors.torch.load(data)
     except Exception as error:  # safetensors raises its own error types for bad files
         raise SelfCompressFormatError(f"'{path}' is corrupted: {error}") from error
+    if manifest.get("sha256") != _digest(stored):
+        raise SelfCompressFormatError(f"'{path}' is corrupted: its tensors do not match the stored checksum.")
     return manifest, stored
 
 
 def _file_state(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
     """The finalized model's state dict rebuilt from a validated file."""
-    entries = manifest["tensors"]
-    if not isinstance(entries, dict):
-        raise TypeError("`tensors` must be a mapping")
+    packed = manifest["packed"]
+    if not isinstance(packed, dict) or not isinstance(manifest["original_shapes"], dict):
+        raise TypeError("`packed` and `original_shapes` must be mappings")
     state, used = {}, set()
-    for name, entry in entries.items():
+    for name, entry in packed.items():
         shape = tuple(int(d) for d in entry["shape"])
-        if entry.get("packed"):
-            keys = (name + _CODES, name + _SCALE, name + _WIDTH)
-            packed, scale, widths = (stored[key] for key in keys)
-            used.update(keys)
-            rows = shape[0]
-            if scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
-                raise ValueError(f"scale of '{name}' has shape {tuple(scale.shape)}, expected ({rows},)")
-            if widths.dtype != torch.uint8 or tuple(widths.shape) != (rows,):
-                raise ValueError(f"widths of '{name}' have shape {tuple(widths.shape)}, expected ({rows},)")
-            cols = math.prod(shape[1:])
-            codes = unpack_codes(packed, widths.to(torch.int64), cols).reshape(shape)
-            value = dequantize(codes, scale, _DTYPES[entry["dtype"]])
-        else:
-            value = stored[name]
-            used.add(name)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"'{name}' has shape {tuple(value.shape)}, the manifest says {shape}")
-        state[name] = value
-    extra = set(stored) - used
-    if extra:
-        raise ValueError(f"unexpected tensors {sorted(extra)[:5]}")
+        keys = (name + _CODES, name + _SCALE, name + _WIDTH)
+        codes_bytes, scale, widths = (stored[key] for key in keys)
+        used.update(keys)
+        rows = shape[0]
+        if scale.dtype != torch.float32 or tuple(scale.shape) != (rows,):
+            raise ValueError(f"scale of '{name}' has shape {tuple(scale.shape)}, expected ({rows},)")
+        if widths.dtype != torch.uint8 or tuple(widths.shape) != (rows,):
+            raise ValueError(f"widths of '{name}' have shape {tuple(widths.shape)}, expected ({rows},)")
+        codes = unpack_codes(codes_bytes, widths.to(torch.int64), math.prod(shape[1:])).reshape(shape)
+        state[name] = dequantize(codes, scale, _DTYPES[entry["dtype"]])
+    for name, value in stored.items():
+        if name not in used:
+            if "::" in name:
+                raise ValueError(f"unexpected packed tensor '{name}'")
+            state[name] = value
     return state
 
 
-def _check_model(model: nn.Module, manifest: dict) -> None:
+def _check_model(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> None:
     current = model.state_dict()
-    entries = manifest["tensors"]
-    missing, unexpected = sorted(set(entries) - set(current)), sorted(set(current) - set(entries))
+    missing, unexpected = sorted(set(state) - set(current)), sorted(set(current) - set(state))
     if missing or unexpected:
         raise SelfCompressFormatError(
             "the model does not match the file: "
             f"tensors in the file but not the model {missing[:5]}, in the model but not the file {unexpected[:5]}."
         )
-    for name, entry in entries.items():
-        expected = tuple(int(d) for d in entry.get("original_shape", entry["shape"]))
+    originals = manifest["original_shapes"]
+    for name, value in state.items():
+        expected = tuple(int(d) for d in originals.get(name, value.shape))
         if tuple(current[name].shape) != expected:
             raise SelfCompressFormatError(
                 f"the model does not match the file: '{name}' has shape {tuple(current[name].shape)}, "
                 f"the file was saved from shape {expected}."
             )
     modules = dict(model.named_modules())
-    for module_name, info in manifest["modules"].items():
+    for module_name, (type_name, _) in manifest["modules"].items():
         module = modules.get(module_name)
-        if module is None or type(module).__name__ != info["type"]:
+        if module is None or type(module).__name__ != type_name:
             found = type(module).__name__ if module is not None else "nothing"
             raise SelfCompressFormatError(
-                f"the model does not match the file: '{module_name}' is {found}, the file has {info['type']}."
+                f"the model does not match the file: '{module_name}' is {found}, the file has {type_name}."
             )
 
 
 def _apply(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> None:
     modules = dict(model.named_modules())
-    for module_name, info in manifest["modules"].items():
-        for attr, value in info["attrs"].items():
+    for module_name, (_, attrs) in manifest["modules"].items():
+        for attr, value in attrs.items():
             setattr(modules[module_name], attr, int(value))
     for name, value in state.items():
         module_name, _, attr = name.rpartition(".")
@@ -352,13 +369,15 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     try:
         state = _file_state(manifest, stored)
         modules = manifest["modules"]
-        if not isinstance(modules, dict):
-            raise TypeError("`modules` must be a mapping")
+        if not isinstance(modules, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values()
+        ):
+            raise TypeError("`modules` must map names to [type, attributes]")
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         if isinstance(error, SelfCompressFormatError):
             raise
         raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
-    _check_model(model, manifest)
+    _check_model(model, manifest, state)
     try:
         _apply(copy.deepcopy(model), manifest, state)  # dry run: the real model stays untouched on failure
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:

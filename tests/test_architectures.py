@@ -215,3 +215,15 @@ def test_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert figures["parameters_after"] < figures["parameters"]
     assert figures["max_abs_difference"] <= 1e-5 * figures["output_scale"]
     assert "finalize:" in capsys.readouterr().out
+
+
+def test_a_fully_closed_group_keeps_one_channel() -> None:
+    model, x = trained("convflatten", 0)
+    graph = build_graph(model, ((x,), {}))
+    close_channels(model, graph, group_of(graph, "conv2.weight"))
+    compact, report = finalize(model, ((x,), {}), return_report=True)
+    check_same_outputs(model, compact, x, report)
+    assert compact.conv2.out_channels == 1
+    assert compact.fc1.in_features == 16
+    assert len(report.kept_closed["conv2"]) == 1 and "one is kept" in report.kept["conv2"]
+    assert len(report.removed["conv2"]) == 5

@@ -114,3 +114,14 @@ def test_groups_partition_the_channels() -> None:
         for producer in graph.producers.values():
             written.index_add_(0, producer.channels, torch.ones_like(producer.channels))
         assert (written >= 1).all(), name  # every channel has a writer
+
+
+def test_grouped_convolution_keeps_its_channels() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(6, 12, 1, groups=6), nn.Flatten(), nn.Linear(12 * 4 * 4, 2))
+    prepare(model)
+    graph = build_graph(model, ((torch.randn(1, 3, 8, 8),), {}))
+    for weight, layer in (("0.weight", "2"), ("2.weight", "2"), ("4.weight", "4")):
+        channels = group_of(graph, weight)
+        assert not graph.removable[channels].any(), weight
+        assert f"grouped convolution '{layer}'" in graph.reasons[root_of(graph, channels)]

@@ -18,7 +18,8 @@ def reference(x: float, b: float, e: float) -> float:
 @settings(max_examples=200, deadline=None)
 @given(
     x=st.floats(-100, 100, allow_nan=False, width=32),
-    b=st.floats(-3, 12, width=32),
+    # Within float32 rounding of b = 0 the bounds -2^(b-1) sit on a tie; that case has its own test.
+    b=st.floats(-3, 12, width=32).filter(lambda b: abs(b) > 1e-4),
     e=st.integers(-6, 4),
 )
 def test_quantize_matches_the_formula(x: float, b: float, e: int) -> None:
