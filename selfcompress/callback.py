@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from selfcompress.gates import count_closed_steps, drive_closed_to_zero, protect_outputs
+from selfcompress.finalize import silent_channels
+from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
 from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
-from selfcompress.size import ModelSize, exact_size, penalty
+from selfcompress.size import ModelSize, exact_size, open_rows, penalty
+from selfcompress.surgery import keep_one_per_group, remove_channels, resize_to_state_dict, supported_channels
 
 METRIC_PREFIX = "selfcompress/"
 
@@ -47,6 +51,10 @@ class SelfCompress(Callback):
             which never lose channels.
         ramp_steps: Optimizer steps over which a closed channel's bias and batch-norm shift
             are brought to exactly zero.
+        shrink_every: When closed channels leave the training model for real: ``"epoch"``
+            (at each epoch's end), a number of optimizer steps, or ``None`` to keep them
+            masked until :func:`~selfcompress.finalize`. Under multi-process strategies
+            (DDP) channels are masked only.
 
     Raises:
         ValueError: An argument out of range (at construction), or a model with nothing to
@@ -65,6 +73,7 @@ class SelfCompress(Callback):
         exclude_types: Iterable[type[nn.Module]] = (),
         output_min_bits: float = 2.0,
         ramp_steps: int = 100,
+        shrink_every: int | Literal["epoch"] | None = "epoch",
     ) -> None:
         _check_number("gamma", gamma, low=0.0)
         _check_number("initial_bits", initial_bits, low=1.0, high=16.0)
@@ -74,6 +83,8 @@ class SelfCompress(Callback):
         _check_number("output_min_bits", output_min_bits, low=1.0, high=16.0)
         if not (isinstance(ramp_steps, int) and ramp_steps >= 1):
             raise ValueError(f"`ramp_steps` must be an int >= 1, got {ramp_steps!r}.")
+        if not (shrink_every is None or shrink_every == "epoch" or (isinstance(shrink_every, int) and shrink_every >= 1)):
+            raise ValueError(f"`shrink_every` must be 'epoch', an int >= 1 or None, got {shrink_every!r}.")
         if isinstance(exclude_names, str):
             raise ValueError(f"`exclude_names` must be a sequence of names, got the string {exclude_names!r}.")
         self.gamma = float(gamma)
@@ -85,6 +96,7 @@ class SelfCompress(Callback):
         self.exclude_types = tuple(exclude_types)
         self.output_min_bits = float(output_min_bits)
         self.ramp_steps = ramp_steps
+        self.shrink_every = shrink_every
         self.history: list[dict[str, float]] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -92,7 +104,11 @@ class SelfCompress(Callback):
         self._traced: nn.Module | None = None
         self._tensors: list[QuantizedTensor] = []
         self._num_weights: int | None = None
+        self._fp32_bits: int | None = None
+        self._inputs = None
         self._stepped = False
+        self._shrinking = False
+        self._resize_hook = None
 
     @property
     def graph(self) -> ChannelGraph | None:
@@ -109,6 +125,28 @@ class SelfCompress(Callback):
         )
         if self._graph is None:
             record_example_inputs(pl_module)
+        self._shrinking = self.shrink_every is not None and trainer.world_size == 1
+        if self.shrink_every is not None and trainer.world_size > 1:
+            rank_zero_warn(
+                "SelfCompress masks closed channels under multi-process training: parameter shapes "
+                "cannot change under DDP. They are removed by `selfcompress.finalize` after training."
+            )
+        if self._shrinking and getattr(pl_module, "_compiler_ctx", None) is not None:
+            raise ValueError(
+                "SelfCompress cannot change the shapes of a `torch.compile`d model while it trains: "
+                "pass `shrink_every=None` (closed channels stay masked until `selfcompress.finalize`)."
+            )
+        if self._resize_hook is None:
+            # A checkpoint written after shrinking holds smaller tensors: resize before loading.
+            self._resize_hook = pl_module.register_load_state_dict_pre_hook(
+                lambda module, state_dict, prefix, *args: resize_to_state_dict(module, state_dict, prefix)
+            )
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._resize_hook is not None:
+            self._resize_hook.remove()
+            self._resize_hook = None
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,11 +196,15 @@ class SelfCompress(Callback):
             self._stepped = False
             count_closed_steps(self._tensors)
             drive_closed_to_zero(self._traced, self._tensors, self._graph, self.ramp_steps)
+            if isinstance(self.shrink_every, int) and trainer.global_step % self.shrink_every == 0:
+                self.shrink(trainer.optimizers)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._graph is None:
             return
+        if self.shrink_every == "epoch":
+            self.shrink(trainer.optimizers)
         figures = size_figures(self.size())
         for name, value in figures.items():
             pl_module.log(METRIC_PREFIX + name, value, prog_bar=name in ("bits_per_weight", "size_fraction"))
@@ -173,8 +215,29 @@ class SelfCompress(Callback):
         return penalty(self._tensors, self._graph, self._num_weights)
 
     def size(self) -> ModelSize:
-        """The exact size of the model being trained."""
-        return exact_size(self._traced, self._graph)
+        """The exact size of the model being trained, against the network it started as."""
+        size = exact_size(self._traced, self._graph)
+        return dataclasses.replace(size, fp32_bits=self._fp32_bits, weights_total=self._num_weights)
+
+    def shrink(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
+        """Remove, for real, every channel that is closed and whose constant reached zero.
+
+        Returns the number of channels removed. The network's function does not change.
+        """
+        if not self._shrinking or self._graph is None:
+            return 0
+        graph = self._graph
+        kept = graph.kept_channels(open_rows(self._tensors))
+        ready = graph.removable & ~kept & (channel_closed_steps(self._tensors, graph) >= self.ramp_steps)
+        if not ready.any():
+            return 0
+        ready &= supported_channels(self._traced, graph) & silent_channels(self._traced, graph, self._inputs)
+        ready = keep_one_per_group(ready, graph)
+        if not ready.any():
+            return 0
+        removed = remove_channels(self._traced, graph, ready, [*optimizers, self._optimizer])
+        self._graph = build_graph(self._traced, self._inputs)
+        return removed
 
     def _ensure_graph(self, pl_module: pl.LightningModule) -> None:
         if self._graph is not None:
@@ -185,24 +248,27 @@ class SelfCompress(Callback):
                 "SelfCompress could not trace the model: no forward call of a module holding all "
                 "compressed layers was seen. Set `example_input_array` on the LightningModule."
             )
-        self._traced, inputs = found
+        self._traced, self._inputs = found
         stop_recording(pl_module)
         self._tensors = quantized_tensors(self._traced)
-        self._graph = build_graph(self._traced, inputs)
+        self._graph = build_graph(self._traced, self._inputs)
         if self._num_weights is None:
-            self._num_weights = sum(t.raw.numel() for t in self._tensors)
+            size = exact_size(self._traced, self._graph)
+            self._num_weights, self._fp32_bits = size.weights_total, size.fp32_bits
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "num_weights": self._num_weights,
+            "fp32_bits": self._fp32_bits,
             "history": list(self.history),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._num_weights = state_dict["num_weights"]
+        self._fp32_bits = state_dict["fp32_bits"]
         self.history = list(state_dict["history"])
         if state_dict["optimizer"] is not None:
             self._pending_state = {"optimizer": state_dict["optimizer"]}

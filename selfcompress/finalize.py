@@ -133,7 +133,7 @@ def remove_closed_channels(
     graph = build_graph(model, inputs)
     kept = graph.kept_channels(open_mask)
     candidates = graph.removable & ~kept
-    silent = _silent_channels(model, graph, inputs)
+    silent = silent_channels(model, graph, inputs)
     modules = dict(model.named_modules())
     dg = graph.dependency
     for root_name, offset, size in graph.roots:
@@ -178,7 +178,7 @@ def _any_writer_open(graph, open_mask: dict[str, Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def _silent_channels(model: nn.Module, graph, inputs: ExampleInputs) -> Tensor:
+def silent_channels(model: nn.Module, graph, inputs: ExampleInputs) -> Tensor:
     """Per global channel: whether every reader sees it as exactly zero on ``inputs``.
 
     A channel whose writers have zero weights is the same constant for every input, so
