@@ -211,7 +211,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--mlp-hidden", type=int, default=11008)
     parser.add_argument("--mlp-dim", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1 by default: on a shared, loaded machine more threads "
+                             "make small ops wait for descheduled workers)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print("command: python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]))
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), CPU only")
@@ -246,7 +250,8 @@ def main(argv=None) -> dict:
                 print(f"  latency {label:<13}" + "  ".join(f"{k} {v:8.2f} ms" for k, v in figures.items()))
     report = {
         "command": " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
         "models": results,
     }
     if args.out:

@@ -7,22 +7,34 @@ Modules, one idea each:
 - ``graph``: channel dependency groups (what must lose channel k together).
 - ``size``: the differentiable size penalty and the exact packed size.
 - ``gates``: closed channels and driving their constants to zero.
+- ``surgery``: removing channels from a training model and its optimizers.
 - ``finalize``: a trained model to a plain compact module.
+- ``packing`` / ``io``: bit packing; the safetensors file, saved and loaded safely.
+- ``bnb``: bitsandbytes modules built from the learned integer codes.
+- ``targets`` / ``report``: size targets; per-layer report, table and plot.
 - ``callback``: the Lightning callback wiring it together.
 """
+
+from typing import Any
 
 from selfcompress.callback import SelfCompress
 from selfcompress.finalize import RemovalReport, finalize
 from selfcompress.graph import build_graph
+from selfcompress.io import SelfCompressFormatError, load, save
 from selfcompress.layers import ChannelQuantizer, bake, prepare, quantized_tensors
+from selfcompress.packing import pack_codes, unpack_codes
 from selfcompress.quantize import code_bits, integer_codes, quantize
+from selfcompress.report import CompressionReport, report
 from selfcompress.size import ModelSize, exact_size, format_size_table, penalty
+from selfcompress.targets import parse_target_size, update_gamma
 
 __all__ = [
     "ChannelQuantizer",
+    "CompressionReport",
     "ModelSize",
     "RemovalReport",
     "SelfCompress",
+    "SelfCompressFormatError",
     "bake",
     "build_graph",
     "code_bits",
@@ -30,10 +42,27 @@ __all__ = [
     "finalize",
     "format_size_table",
     "integer_codes",
+    "load",
+    "pack_codes",
+    "parse_target_size",
     "penalty",
     "prepare",
     "quantize",
     "quantized_tensors",
+    "report",
+    "save",
+    "to_bitsandbytes",
+    "unpack_codes",
+    "update_gamma",
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # bitsandbytes takes seconds to import: load it only when asked for.
+    if name == "to_bitsandbytes":
+        from selfcompress.bnb import to_bitsandbytes
+
+        return to_bitsandbytes
+    raise AttributeError(f"module 'selfcompress' has no attribute {name!r}")

@@ -18,8 +18,10 @@ from selfcompress.finalize import silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
 from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
+from selfcompress.report import CompressionReport, channel_bits, from_size
 from selfcompress.size import ModelSize, exact_size, open_rows, penalty
 from selfcompress.surgery import keep_one_per_group, remove_channels, resize_to_state_dict, supported_channels
+from selfcompress.targets import parse_target_size, update_gamma
 
 METRIC_PREFIX = "selfcompress/"
 
@@ -40,7 +42,15 @@ class SelfCompress(Callback):
         compact = selfcompress.finalize(model)
 
     Args:
-        gamma: Weight of the size term; larger gives a smaller network.
+        gamma: Weight of the size term; larger gives a smaller network (0.01 when neither
+            ``gamma`` nor ``target_size`` is given).
+        target_size: The size you want, instead of choosing ``gamma``: bytes (``65536``,
+            ``"64KiB"``, ``"1.5MB"``), bits per original weight (``"2bpw"``) or a fraction
+            of the float32 size (``"3%"``, ``"0.03x"``); see
+            :func:`selfcompress.targets.parse_target_size`. At the end of every epoch
+            ``gamma`` (starting at 0.01) becomes ``gamma * (size / target) ** gamma_rate``,
+            kept in ``[1e-6, 100]``. Giving both ``gamma`` and ``target_size`` is an error.
+        gamma_rate: How fast ``gamma`` follows ``target_size`` (per epoch).
         initial_bits: Starting bit depth of every channel.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
@@ -55,6 +65,7 @@ class SelfCompress(Callback):
             (at each epoch's end), a number of optimizer steps, or ``None`` to keep them
             masked until :func:`~selfcompress.finalize`. Under multi-process strategies
             (DDP) channels are masked only.
+        print_report: Print the compression report once at the end of ``fit`` (rank 0).
 
     Raises:
         ValueError: An argument out of range (at construction), or a model with nothing to
@@ -63,8 +74,10 @@ class SelfCompress(Callback):
 
     def __init__(
         self,
-        gamma: float = 0.01,
+        gamma: float | None = None,
         *,
+        target_size: int | str | None = None,
+        gamma_rate: float = 1.0,
         initial_bits: float = 8.0,
         bits_lr: float = 0.1,
         exponent_lr: float = 0.05,
@@ -74,8 +87,18 @@ class SelfCompress(Callback):
         output_min_bits: float = 2.0,
         ramp_steps: int = 100,
         shrink_every: int | Literal["epoch"] | None = "epoch",
+        print_report: bool = True,
     ) -> None:
+        if gamma is not None and target_size is not None:
+            raise ValueError(
+                f"Give either `gamma` ({gamma!r}) or `target_size` ({target_size!r}), not both: "
+                "with a target, gamma is steered automatically."
+            )
+        gamma = 0.01 if gamma is None else gamma
         _check_number("gamma", gamma, low=0.0)
+        _check_number("gamma_rate", gamma_rate, low=0.0)
+        if target_size is not None:
+            parse_target_size(target_size, fp32_bits=2**62, weights=2**40)  # the syntax, before any training
         _check_number("initial_bits", initial_bits, low=1.0, high=16.0)
         _check_number("bits_lr", bits_lr, low=0.0, inclusive_low=False)
         _check_number("exponent_lr", exponent_lr, low=0.0)
@@ -88,6 +111,8 @@ class SelfCompress(Callback):
         if isinstance(exclude_names, str):
             raise ValueError(f"`exclude_names` must be a sequence of names, got the string {exclude_names!r}.")
         self.gamma = float(gamma)
+        self.target_size = target_size
+        self.gamma_rate = float(gamma_rate)
         self.initial_bits = float(initial_bits)
         self.bits_lr = bits_lr
         self.exponent_lr = exponent_lr
@@ -97,6 +122,7 @@ class SelfCompress(Callback):
         self.output_min_bits = float(output_min_bits)
         self.ramp_steps = ramp_steps
         self.shrink_every = shrink_every
+        self.print_report = print_report
         self.history: list[dict[str, float]] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -198,6 +224,15 @@ class SelfCompress(Callback):
             drive_closed_to_zero(self._traced, self._tensors, self._graph, self.ramp_steps)
             if isinstance(self.shrink_every, int) and trainer.global_step % self.shrink_every == 0:
                 self.shrink(trainer.optimizers)
+            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+                size = self.size()
+                pl_module.log(METRIC_PREFIX + "bytes", float(size.total_bytes), prog_bar=True, logger=False)
+                pl_module.log(METRIC_PREFIX + "bpw", size.bits_per_weight, prog_bar=True, logger=False)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_report and self._graph is not None and trainer.is_global_zero:
+            print(self.report())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -205,7 +240,13 @@ class SelfCompress(Callback):
             return
         if self.shrink_every == "epoch":
             self.shrink(trainer.optimizers)
-        figures = size_figures(self.size())
+        size = self.size()
+        figures = size_figures(size)
+        if self.target_size is not None:
+            target = parse_target_size(self.target_size, size.fp32_bits, self._num_weights)
+            figures["target_fraction"] = target / size.fp32_bits
+            figures["gamma"] = self.gamma  # the gamma this epoch trained with
+            self.gamma = update_gamma(self.gamma, size.total_bits, target, self.gamma_rate)
         for name, value in figures.items():
             pl_module.log(METRIC_PREFIX + name, value, prog_bar=name in ("bits_per_weight", "size_fraction"))
         self.history.append({"epoch": trainer.current_epoch, **figures})
@@ -218,6 +259,12 @@ class SelfCompress(Callback):
         """The exact size of the model being trained, against the network it started as."""
         size = exact_size(self._traced, self._graph)
         return dataclasses.replace(size, fp32_bits=self._fp32_bits, weights_total=self._num_weights)
+
+    def report(self) -> CompressionReport:
+        """Per-layer figures, tables and a plot of the model being trained, with the history."""
+        if self._graph is None:
+            raise RuntimeError("SelfCompress.report() needs at least one training step.")
+        return from_size(self.size(), channel_bits(self._traced, self._graph), self.history)
 
     def shrink(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
         """Remove, for real, every channel that is closed and whose constant reached zero.
@@ -263,6 +310,7 @@ class SelfCompress(Callback):
             "num_weights": self._num_weights,
             "fp32_bits": self._fp32_bits,
             "history": list(self.history),
+            "gamma": self.gamma,
         }
 
     @override
@@ -270,6 +318,8 @@ class SelfCompress(Callback):
         self._num_weights = state_dict["num_weights"]
         self._fp32_bits = state_dict["fp32_bits"]
         self.history = list(state_dict["history"])
+        if self.target_size is not None and "gamma" in state_dict:
+            self.gamma = float(state_dict["gamma"])  # resume the steering where it was
         if state_dict["optimizer"] is not None:
             self._pending_state = {"optimizer": state_dict["optimizer"]}
 

@@ -112,7 +112,8 @@ def record_example_inputs(model: nn.Module) -> None:
     handles = _recording.setdefault(model, [])
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if module not in _examples:
+        # Lightning's DDP wrapper points a module's forward at training_step: not real inputs.
+        if module not in _examples and "forward" not in module.__dict__:
             _examples[module] = _first_samples((args, kwargs))
 
     def done(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

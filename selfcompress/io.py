@@ -211,6 +211,7 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: ExampleInputs | None
     os.close(fd)
     try:
         safetensors.torch.save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(manifest, separators=(",", ":"))})
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

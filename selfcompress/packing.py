@@ -6,9 +6,10 @@ Row ``r`` of a ``(rows, cols)`` code matrix is stored in two's complement at
 is bit ``i % 8`` (least significant first) of byte ``i // 8``; the last byte is padded
 with zeros.
 
-Both directions are vectorised over all codes at once (no Python loop per row): each
-code is shifted into 32-bit words held in int64, and codes never overlap, so a scatter
-*add* is a bitwise *or*.
+Both directions are vectorised over all codes at once (no Python loop per row). Packing
+shifts each code into 32-bit words held in int64; codes never overlap, so a scatter *add*
+is a bitwise *or*. Unpacking reads a 24-bit window at each code's first byte (a code of
+at most 16 bits shifted by at most 7 always fits) and sign-extends it.
 """
 
 from __future__ import annotations
@@ -44,13 +45,22 @@ def _check_widths(widths: Tensor, rows: int) -> Tensor:
     return widths
 
 
-def _offsets(widths: Tensor, cols: int) -> Tensor:
-    """Per code: its bit offset in the stream (int64, flattened row-major)."""
+_CHUNK_CODES = 1 << 22  # codes handled at once: bounds the int64 temporaries
+
+
+def _row_chunks(widths: Tensor, cols: int):
+    """Row ranges of at most about ``_CHUNK_CODES`` codes, with each row's first bit."""
     row_bits = widths * cols
     row_start = torch.cumsum(row_bits, 0) - row_bits
+    step = max(1, _CHUNK_CODES // max(cols, 1))
+    for first in range(0, widths.shape[0], step):
+        yield first, min(first + step, widths.shape[0]), row_start
+
+
+def _offsets(widths: Tensor, row_start: Tensor, cols: int) -> Tensor:
+    """Per code of these rows: its bit offset in the stream (int64, row-major)."""
     col = torch.arange(cols, dtype=torch.int64)
-    offsets = (row_start[:, None] + col[None, :] * widths[:, None]).reshape(-1)
-    return offsets
+    return (row_start[:, None] + col[None, :] * widths[:, None]).reshape(-1)
 
 
 def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
@@ -85,14 +95,15 @@ def pack_codes(codes: Tensor, widths: Tensor) -> Tensor:
         bad = int(((low < -half) | (high > half - 1) & (high > 0)).nonzero()[0])
         raise ValueError(f"row {bad} of `codes` does not fit in {int(widths[bad])} bits.")
 
-    offsets = _offsets(widths, cols)
     masks = ((torch.ones_like(widths) << widths) - 1)[:, None]
-    shifted = ((values & masks).reshape(-1)) << (offsets & (_WORD_BITS - 1))
-    word = offsets >> _WORD_SHIFT
     n_words = total_bits // _WORD_BITS + 2
     words = torch.zeros(n_words, dtype=torch.int64)
-    words.index_add_(0, word, shifted & _WORD_MASK)
-    words.index_add_(0, word + 1, shifted >> _WORD_BITS)
+    for first, last, row_start in _row_chunks(widths, cols):
+        offsets = _offsets(widths[first:last], row_start[first:last], cols)
+        shifted = (values[first:last] & masks[first:last]).reshape(-1) << (offsets & (_WORD_BITS - 1))
+        word = offsets >> _WORD_SHIFT
+        words.index_add_(0, word, shifted & _WORD_MASK)
+        words.index_add_(0, word + 1, shifted >> _WORD_BITS)
     as_bytes = torch.stack([(words >> (8 * k)) & 0xFF for k in range(4)], dim=1).reshape(-1)
     return as_bytes[: (total_bits + 7) // 8].to(torch.uint8)
 
@@ -116,16 +127,18 @@ def unpack_codes(packed: Tensor, widths: Tensor, cols: int) -> Tensor:
         raise ValueError(f"`packed` holds {packed.numel()} bytes; these widths need {(total_bits + 7) // 8}.")
     if total_bits == 0:
         return torch.zeros(rows, cols, dtype=torch.int32)
-    n_words = total_bits // _WORD_BITS + 2  # one spare word: a code may reach into the next
-    padded = torch.zeros(n_words * 4, dtype=torch.int64)
-    padded[: packed.numel()] = packed.cpu().to(torch.int64)
-    padded = padded.reshape(n_words, 4)
-    words = padded[:, 0] | (padded[:, 1] << 8) | (padded[:, 2] << 16) | (padded[:, 3] << 24)
-
-    offsets = _offsets(widths, cols)
-    word = offsets >> _WORD_SHIFT
-    pair = words[word] | (words[word + 1] << _WORD_BITS)
-    masks = ((torch.ones_like(widths) << widths) - 1)[:, None]
-    values = (pair >> (offsets & (_WORD_BITS - 1))).reshape(rows, cols) & masks
+    # Every code lies within 3 consecutive bytes (width <= 16, shifted by <= 7 bits):
+    # read a 24-bit little-endian window at each code's first byte.
+    data = torch.zeros(packed.numel() + 2, dtype=torch.int32)
+    data[: packed.numel()] = packed.cpu().to(torch.int32)
+    windows = data[:-2] | (data[1:-1] << 8) | (data[2:] << 16)
+    masks = ((torch.ones_like(widths) << widths) - 1).to(torch.int32)[:, None]
     half = masks - (masks >> 1)  # 2^(w-1), 0 at width 0: subtract 2^w where that bit is set
-    return (values - ((values & half) << 1)).to(torch.int32)
+    out = torch.empty(rows, cols, dtype=torch.int32)
+    for first, last, row_start in _row_chunks(widths, cols):
+        offsets = _offsets(widths[first:last], row_start[first:last], cols)
+        start = (offsets >> 3).clamp_max(packed.numel() - 1)
+        shift = (offsets & 7).to(torch.int32)
+        values = (windows[start] >> shift).reshape(last - first, cols) & masks[first:last]
+        out[first:last] = values - ((values & half[first:last]) << 1)
+    return out

@@ -157,3 +157,29 @@ def test_finalize_after_training_matches_the_trained_model() -> None:
         expected, actual = model(x), compact(x)
     assert (expected - actual).abs().max() <= 1e-5 * expected.abs().max()
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in Classifier().parameters())
+
+
+def test_target_size_steers_gamma_and_the_report_matches_the_size(capsys) -> None:
+    callback = SelfCompress(target_size="5%")
+    fit(callback, epochs=3)
+    gammas = [entry["gamma"] for entry in callback.history]
+    assert gammas[0] == 0.01 and gammas[-1] > gammas[0] and callback.gamma > gammas[-1]
+    report = callback.report()
+    assert report.total_bytes == callback.size().total_bytes
+    printed = capsys.readouterr().out  # once, at the end of fit
+    assert printed.count("bits per weight") == 1 and "3.weight" in printed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [(dict(target_size="lots"), "target_size"), (dict(gamma=0.1, target_size="64KiB"), "not both")],
+)
+def test_bad_targets_are_refused_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SelfCompress(**kwargs)
+
+
+def test_progress_bar_shows_the_current_size() -> None:
+    _, trainer = fit(SelfCompress(gamma=0.1), epochs=1, log_every_n_steps=1)
+    assert trainer.progress_bar_metrics["selfcompress/bytes"] > 0
+    assert 0 < trainer.progress_bar_metrics["selfcompress/bpw"] <= 8

@@ -85,3 +85,16 @@ def test_rejects_bad_arguments():
         pack_codes(torch.zeros(2, 2, dtype=torch.int32), torch.tensor([1, 17]))
     with pytest.raises(ValueError, match="bytes"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), torch.tensor([4, 4]), 2)
+
+
+def test_round_trip_across_chunks(monkeypatch):
+    import selfcompress.packing as packing
+
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 37)  # many chunks, boundaries mid-word
+    widths = torch.tensor([0, 3, 16, 1, 7, 0, 12, 5, 9, 2, 16, 4])
+    codes = _random_codes(widths, 29, seed=3)
+    packed = pack_codes(codes, widths)
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 1 << 22)
+    assert torch.equal(packed, pack_codes(codes, widths))  # chunking does not change the bytes
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 50)
+    assert torch.equal(unpack_codes(packed, widths, 29), codes.to(torch.int32))

@@ -1,0 +1,279 @@
+"""CIFAR-10 ResNet-9 (Page's fast-training net): accuracy against % of fp32 bits, with the paper's points.
+
+Reads ``cifar10-jpeg.zip`` (``--zip``, default ``../shared/datasets/cifar10-jpeg.zip``),
+decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (default
+``/tmp``) and skips cleanly when the zip is absent. Settings:
+
+- default (short, CPU): width multiplier 1/4 (channels 16/32/64/128), 1 epoch on a
+  5,000-image class-balanced training subset, 2,000 test images, gammas 0.02 and 0.2.
+  Far too short to compare with the paper's figures: it shows the script works and
+  where a barely trained net lands, nothing more;
+- ``--full`` (GPU; not feasible on CPU): width 1 (about 6.57M weights), 200 epochs of the
+  50,000 images with flip / pad-4 crop, all 10,000 test images, gammas 0.0025 to 0.06;
+- ``--smoke`` (seconds): width 1/8, 256 training and 256 test images, one gamma.
+
+The paper's points (docs/method.md section 4; read off its Fig. 3, full net, ~850 epochs)
+are drawn for reference only, never as our measurement.
+
+    python benchmarks/bench_cifar.py --out cifar.json --plot benchmarks/plots/cifar_pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "examples")]
+
+import lightning.pytorch as pl  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_mnist import make_callback  # noqa: E402
+from common import header, write_json  # noqa: E402
+from digits import Classifier, accuracy  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import selfcompress  # noqa: E402
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ZIP = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+#: docs/method.md section 4: (percent of fp32 bits, accuracy %), read off the paper's Fig. 3.
+PAPER_POINTS = [(100.0, 95.69), (3.0, 95.69), (2.0, 95.0), (1.0, 94.3), (0.25, 90.2)]
+PAPER_DIFFQ = (8.0, 95.69)
+
+
+def decode(zip_path: Path, split: str, per_class: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N x 32 x 32 x 3 uint8) and labels of ``split``; ``per_class`` takes the first N of each class."""
+    from PIL import Image
+
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(n for n in archive.namelist() if n.startswith(f"{split}/") and n.endswith(".jpg"))
+        classes = sorted({n.split("/")[1] for n in names})
+        if per_class is not None:
+            counts: dict[str, int] = {}
+            kept = []
+            for name in names:
+                label = name.split("/")[1]
+                if counts.get(label, 0) < per_class:
+                    counts[label] = counts.get(label, 0) + 1
+                    kept.append(name)
+            names = kept
+        images = np.empty((len(names), 32, 32, 3), dtype=np.uint8)
+        labels = np.empty(len(names), dtype=np.int64)
+        for i, name in enumerate(names):
+            with Image.open(io.BytesIO(archive.read(name))) as image:
+                images[i] = np.asarray(image.convert("RGB"))
+            labels[i] = classes.index(name.split("/")[1])
+    return images, labels
+
+
+def cached(zip_path: Path, cache_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split, decoded once and kept as ``cifar10jpeg_<split>_{x,y}.npy``."""
+    x_path, y_path = cache_dir / f"cifar10jpeg_{split}_x.npy", cache_dir / f"cifar10jpeg_{split}_y.npy"
+    if not (x_path.exists() and y_path.exists()):
+        images, labels = decode(zip_path, split)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.save(x_path, images)
+        np.save(y_path, labels)
+    return np.load(x_path), np.load(y_path)
+
+
+def to_tensors(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    return TensorDataset((x - MEAN) / STD, torch.from_numpy(labels))
+
+
+def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    per_class = size // 10
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(10)]))
+
+
+def conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.res = nn.Sequential(*conv_bn(channels, channels), *conv_bn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.res(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def resnet9(width: float = 1.0) -> nn.Sequential:
+    """Page's ResNet-9: prep 64, layer1 128 + residual, layer2 256, layer3 512 + residual, pool, fc."""
+    c = [max(1, round(k * width)) for k in (64, 128, 256, 512)]
+    return nn.Sequential(
+        *conv_bn(3, c[0]),
+        *conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1]),
+        *conv_bn(c[1], c[2]), nn.MaxPool2d(2),
+        *conv_bn(c[2], c[3]), nn.MaxPool2d(2), Residual(c[3]),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c[3], 10, bias=False), Scale(0.125),
+    )  # fmt: skip
+
+
+class AugmentedClassifier(Classifier):
+    """Random horizontal flip and pad-4 random crop on each training batch (``--full``)."""
+
+    def __init__(self, net: nn.Module, augment: bool, **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.augment = augment
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.augment:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+            i, j = (int(v) for v in torch.randint(0, 9, (2,)))
+            x = padded[:, :, i : i + 32, j : j + 32]
+        return super().training_step((x, y), batch_idx)
+
+
+def fit(train_loader, cfg: dict, gamma: float | None, seed: int):
+    pl.seed_everything(seed, verbose=False)
+    model = AugmentedClassifier(resnet9(cfg["width"]), cfg["augment"], lr=cfg["lr"])
+    callback = make_callback(gamma) if gamma is not None else None
+    trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=[callback] if callback else [], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    start = time.perf_counter()
+    trainer.fit(model, train_loader)
+    model.cpu()
+    return model, callback, time.perf_counter() - start, trainer.global_step
+
+
+def setting(args) -> dict:
+    if args.smoke:
+        return dict(name="smoke", width=0.125, epochs=1, train_subset=256, test_subset=256, batch_size=64,
+                    augment=False, lr=3e-3, gammas=[0.2])
+    if args.full:
+        return dict(name="full (GPU)", width=1.0, epochs=200, train_subset=None, test_subset=None, batch_size=512,
+                    augment=True, lr=1e-3, gammas=[0.0025, 0.005, 0.01, 0.015, 0.03, 0.06])
+    return dict(name="short (CPU): width 1/4, 1 epoch, 5k-image subset", width=0.25, epochs=1, train_subset=5000,
+                test_subset=2000, batch_size=128, augment=False, lr=3e-3, gammas=[0.02, 0.2])
+
+
+def plot(path: str, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs, ys = zip(*PAPER_POINTS, strict=True)
+    ax.plot(xs, ys, "k*--", label="paper, self-compression (read off Fig. 3; full net, ~850 epochs)")
+    ax.scatter(*PAPER_DIFFQ, marker="P", c="grey", s=70, label="paper, DiffQ at fp32 accuracy (Fig. 3)")
+    for row in rows:
+        ax.scatter(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], s=45,
+                   label=("fp32" if row["gamma"] is None else f"SelfCompress gamma {row['gamma']:g}") + " (measured)")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of fp32 bits (log)")
+    ax.set_ylabel("CIFAR-10 test accuracy (%)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="seconds, to check the script runs")
+    parser.add_argument("--full", action="store_true", help="the full net and budget; for a GPU")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.zip.exists():
+        print(f"skipped: no {args.zip} (pass --zip)")
+        return {"skipped": f"no CIFAR-10 zip at {args.zip}"}
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        print("skipped: Pillow is needed to decode the JPEGs (pip install pillow)")
+        return {"skipped": "Pillow not installed"}
+    cfg = setting(args)
+
+    start = time.perf_counter()
+    if args.smoke:  # decode only what the smoke run uses, no cache
+        train = to_tensors(*decode(args.zip, "train", per_class=cfg["train_subset"] // 10))
+        test = to_tensors(*decode(args.zip, "test", per_class=cfg["test_subset"] // 10))
+    else:
+        train_x, train_y = cached(args.zip, args.cache_dir, "train")
+        test_x, test_y = cached(args.zip, args.cache_dir, "test")
+        if cfg["train_subset"]:
+            keep = balanced_subset(train_y, cfg["train_subset"], args.seed)
+            train_x, train_y = train_x[keep], train_y[keep]
+        if cfg["test_subset"]:
+            keep = balanced_subset(test_y, cfg["test_subset"], args.seed)
+            test_x, test_y = test_x[keep], test_y[keep]
+        train, test = to_tensors(train_x, train_y), to_tensors(test_x, test_y)
+    decode_seconds = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train, batch_size=cfg["batch_size"], shuffle=True, generator=generator, drop_last=True)
+    test_loader = DataLoader(test, batch_size=500)
+
+    rows = []
+    base, _, seconds, steps = fit(train_loader, cfg, None, args.seed)
+    fp32_params = sum(p.numel() for p in base.net.parameters())
+    rows.append(dict(gamma=None, steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
+                     bytes=4 * fp32_params, fraction_of_fp32_bits=1.0, params=fp32_params))
+    for gamma in cfg["gammas"]:
+        model, callback, seconds, steps = fit(train_loader, cfg, gamma, args.seed)
+        size = callback.size()
+        compact = selfcompress.finalize(model.net)
+        rows.append(dict(gamma=gamma, steps=steps, seconds=seconds, accuracy=accuracy(model, test_loader),
+                         finalized_accuracy=accuracy(compact, test_loader), bytes=size.total_bytes,
+                         fraction_of_fp32_bits=size.fraction_of_fp32, bits_per_weight=size.bits_per_weight,
+                         params=sum(p.numel() for p in compact.parameters())))
+
+    print(header())
+    print(f"CIFAR-10 (JPEG copy) ResNet-9, setting {cfg['name']}: width x{cfg['width']:g} ({fp32_params:,} weights), "
+          f"{cfg['epochs']} epoch(s), {len(train):,} training / {len(test):,} test images, batch {cfg['batch_size']}, "
+          f"decode/cache {decode_seconds:.1f} s")
+    print(f"{'gamma':>7}{'steps':>7}{'accuracy':>10}{'finalized':>10}{'bytes':>12}{'% fp32 bits':>12}"
+          f"{'params':>10}{'seconds':>9}")
+    for r in rows:
+        gamma = "fp32" if r["gamma"] is None else f"{r['gamma']:g}"
+        print(f"{gamma:>7}{r['steps']:>7}{r['accuracy']:>10.2%}{r.get('finalized_accuracy', r['accuracy']):>10.2%}"
+              f"{r['bytes']:>12,}{100 * r['fraction_of_fp32_bits']:>11.2f}%{r['params']:>10,}{r['seconds']:>9.1f}")
+    print("paper (reference only, not measured here): " + ", ".join(f"{a:.2f} % at {b:g} % of bits"
+                                                                    for b, a in PAPER_POINTS))
+    results = {"benchmark": "cifar", "setting": cfg, "paper_points_percent_bits_accuracy": PAPER_POINTS, "runs": rows,
+               "full_setting_run": bool(args.full)}
+    if args.plot:
+        plot(args.plot, rows, f"ResNet-9, {cfg['name']} (measured) vs paper (reference)")
+        results["plot"] = args.plot
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
