@@ -19,6 +19,7 @@ import inspect
 import logging
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -153,13 +154,14 @@ def plot(path: str, rows: list[dict], title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        ax.scatter(row["bytes"], 100 * row["accuracy"], marker=row.get("marker", "o"), label=row["label"], s=40)
+        ax.scatter(row["bytes"], 100 * row["accuracy"], marker=row.get("marker", "o"), label=row["label"], s=40,
+                   c=row.get("color"))
     ax.scatter(REFERENCE["bytes"], 100 * REFERENCE["accuracy"], marker="*", s=120, c="k",
                label="reference notebook (20k steps x 512, estimated bytes)")
     ax.set_xscale("log")
     ax.set_xlabel("size in bytes (log)")
     ax.set_ylabel("MNIST test accuracy (%)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -209,14 +211,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"{REFERENCE['steps']:,} steps of batch {REFERENCE['batch_size']} ({REFERENCE['note']})")
     results = {"benchmark": "mnist", "setting": cfg, "reference": REFERENCE, "fp32_bytes": fp32_bytes, "runs": rows}
     if args.plot:
-        points = [dict(bytes=r["exact_bytes"], accuracy=r["accuracy"],
+        points = [dict(bytes=r["exact_bytes"], accuracy=r["accuracy"], color=f"C{i}",
                        label=f"fp32 ({r['steps']} steps)" if r["gamma"] is None
                        else f"SelfCompress gamma {r['gamma']:g} ({r['steps']} steps), exact bytes")
-                  for r in rows]
-        points += [dict(bytes=r["packed_file_bytes"], accuracy=r["finalized_accuracy"], marker="x",
+                  for i, r in enumerate(rows)]
+        points += [dict(bytes=r["packed_file_bytes"], accuracy=r["finalized_accuracy"], marker="x", color=f"C{i}",
                         label=f"SelfCompress gamma {r['gamma']:g}, packed file")
-                   for r in rows if r.get("packed_file_bytes")]
-        plot(args.plot, points, f"MNIST CNN, {cfg['name']} setting; {header().splitlines()[1][:90]}")
+                   for i, r in enumerate(rows) if r.get("packed_file_bytes")]
+        plot(args.plot, points, f"MNIST CNN, {cfg['name']} setting, {rows[0]['steps']} steps of batch "
+                               f"{cfg['batch_size']}; {header().splitlines()[1]}")
         results["plot"] = args.plot
     write_json(args.out, results)
     return results

@@ -3,7 +3,7 @@
 Needs no download. Prints the size table and the test accuracy before and after
 compression::
 
-    python examples/digits.py --epochs 30 --gamma 0.02
+    python examples/digits.py --epochs 60 --gamma 0.05
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ def train(epochs: int, gamma: float | None, seed: int = 0, width: int = 32) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--gamma", type=float, default=0.02)
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--gamma", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
