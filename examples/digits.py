@@ -27,9 +27,7 @@ def digits_loaders(batch_size: int = 32, seed: int = 0) -> tuple[DataLoader, Dat
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target)
-    train_idx, test_idx = train_test_split(
-        torch.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels
-    )
+    train_idx, test_idx = train_test_split(torch.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
     train = TensorDataset((images[train_idx] - 0.3) / 0.4, labels[train_idx])
     test = TensorDataset((images[test_idx] - 0.3) / 0.4, labels[test_idx])
     generator = torch.Generator().manual_seed(seed)
@@ -133,9 +131,12 @@ def main() -> None:
     fp32_bytes = 4 * sum(p.numel() for p in baseline.parameters())
     print(selfcompress.format_size_table(size))
     print(f"fp32 baseline:  accuracy {baseline_acc:.2%}, {fp32_bytes:,} bytes")
-    print(f"selfcompressed: accuracy {compressed_acc:.2%} (finalized {compact_acc:.2%}), "
-          f"{size.total_bytes:,} bytes = {size.total_bytes / fp32_bytes:.2%} of fp32")
-    print(f"parameters: {sum(p.numel() for p in baseline.parameters()):,} -> {sum(p.numel() for p in compact.parameters()):,}")
+    print(
+        f"selfcompressed: accuracy {compressed_acc:.2%} (finalized {compact_acc:.2%}), "
+        f"{size.total_bytes:,} bytes = {size.total_bytes / fp32_bytes:.2%} of fp32"
+    )
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (baseline, compact))
+    print(f"parameters: {before:,} -> {after:,}")
     print(f"total time {time.perf_counter() - start:.0f} s")
 
 

@@ -106,7 +106,9 @@ class SelfCompress(Callback):
         _check_number("output_min_bits", output_min_bits, low=1.0, high=16.0)
         if not (isinstance(ramp_steps, int) and ramp_steps >= 1):
             raise ValueError(f"`ramp_steps` must be an int >= 1, got {ramp_steps!r}.")
-        if not (shrink_every is None or shrink_every == "epoch" or (isinstance(shrink_every, int) and shrink_every >= 1)):
+        if not (
+            shrink_every is None or shrink_every == "epoch" or (isinstance(shrink_every, int) and shrink_every >= 1)
+        ):
             raise ValueError(f"`shrink_every` must be 'epoch', an int >= 1 or None, got {shrink_every!r}.")
         if isinstance(exclude_names, str):
             raise ValueError(f"`exclude_names` must be a sequence of names, got the string {exclude_names!r}.")
@@ -346,9 +348,7 @@ def _unscale(params: list[nn.Parameter], trainer: pl.Trainer) -> bool:
     return all(bool(torch.isfinite(grad).all()) for grad in grads)
 
 
-def _check_number(
-    name: str, value: Any, *, low: float, high: float = math.inf, inclusive_low: bool = True
-) -> None:
+def _check_number(name: str, value: Any, *, low: float, high: float = math.inf, inclusive_low: bool = True) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value >= low if inclusive_low else value > low) and value <= high
     if not ok:

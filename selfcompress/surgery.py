@@ -150,7 +150,9 @@ def _slice(owner: nn.Module, name: str, dim: int, keep: Tensor, optimizers: list
         if tensor in optimizer.state:
             state = optimizer.state.pop(tensor)
             optimizer.state[sliced] = {
-                key: value.index_select(dim, keep) if isinstance(value, Tensor) and value.shape == tensor.shape else value
+                key: value.index_select(dim, keep)
+                if isinstance(value, Tensor) and value.shape == tensor.shape
+                else value
                 for key, value in state.items()
             }
 
@@ -183,7 +185,9 @@ def resize_to_state_dict(model: nn.Module, state_dict: dict[str, Tensor], prefix
 
 def _fit_attributes(module: nn.Module) -> None:
     if isinstance(module, _BatchNorm):
-        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        module.num_features = (
+            module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        )
     elif isinstance(module, (nn.Linear, *_CONV)):
         weight = _weight(module)
         depthwise = isinstance(module, _CONV) and module.groups == module.in_channels == module.out_channels > 1

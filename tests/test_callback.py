@@ -10,7 +10,9 @@ from selfcompress import SelfCompress, finalize, quantized_tensors
 from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
 
 
-def fit(callback: SelfCompress, epochs: int = 3, seed: int = 0, optimizer: str = "adamw", dropout=0.1, **trainer_kwargs):
+def fit(
+    callback: SelfCompress, epochs: int = 3, seed: int = 0, optimizer: str = "adamw", dropout=0.1, **trainer_kwargs
+):
     pl.seed_everything(seed, verbose=False)
     model = Classifier(small_cnn(dropout=dropout), optimizer=optimizer)
     trainer = tiny_trainer(epochs, callbacks=[callback], **trainer_kwargs)
@@ -30,7 +32,9 @@ def test_bits_fall_and_figures_are_logged() -> None:
     for name in ("bits_per_weight", "size_fraction", "weights_kept", "channels_open"):
         assert f"selfcompress/{name}" in trainer.callback_metrics
     assert [entry["epoch"] for entry in callback.history] == [0, 1, 2]
-    assert trainer.callback_metrics["selfcompress/size_fraction"].item() == pytest.approx(callback.size().fraction_of_fp32)
+    assert trainer.callback_metrics["selfcompress/size_fraction"].item() == pytest.approx(
+        callback.size().fraction_of_fp32
+    )
 
 
 def test_larger_gamma_gives_a_smaller_network() -> None:

@@ -10,19 +10,66 @@ from selfcompress import build_graph, finalize, prepare
 from selfcompress.layers import ChannelQuantizer
 
 CHAINS = {
-    "mlp": (lambda: nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 8), nn.GELU(),
-                                  nn.Linear(8, 3)), (4, 10)),
-    "conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 6, 3), nn.BatchNorm1d(6), nn.ReLU(), nn.AvgPool1d(2),
-                                     nn.Conv1d(6, 5, 3), nn.Tanh(), nn.Flatten(), nn.Linear(5 * 3, 4)), (3, 2, 12)),
-    "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                                     nn.Conv2d(8, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.LeakyReLU(),
-                                     nn.Dropout2d(0.1), nn.Flatten(), nn.Linear(6 * 4 * 4, 5)), (2, 3, 8, 8)),
-    "depthwise": (lambda: nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU6(),
-                                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)), (2, 3, 6, 6)),
-    "conv3d": (lambda: nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.SiLU(),
-                                     nn.Conv3d(4, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4 * 4, 2)),
-               (2, 1, 4, 4, 4)),
+    "mlp": (
+        lambda: nn.Sequential(
+            nn.Linear(10, 12), nn.ReLU(), nn.Dropout(0.2), nn.Linear(12, 8), nn.GELU(), nn.Linear(8, 3)
+        ),
+        (4, 10),
+    ),
+    "conv1d": (
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 6, 3),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.AvgPool1d(2),
+            nn.Conv1d(6, 5, 3),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(5 * 3, 4),
+        ),
+        (3, 2, 12),
+    ),
+    "conv2d": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 6, 3, padding=1, groups=2),
+            nn.BatchNorm2d(6),
+            nn.LeakyReLU(),
+            nn.Dropout2d(0.1),
+            nn.Flatten(),
+            nn.Linear(6 * 4 * 4, 5),
+        ),
+        (2, 3, 8, 8),
+    ),
+    "depthwise": (
+        lambda: nn.Sequential(
+            nn.Conv2d(3, 8, 1),
+            nn.BatchNorm2d(8),
+            nn.ReLU6(),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        ),
+        (2, 3, 6, 6),
+    ),
+    "conv3d": (
+        lambda: nn.Sequential(
+            nn.Conv3d(1, 4, 3, padding=1),
+            nn.BatchNorm3d(4),
+            nn.SiLU(),
+            nn.Conv3d(4, 4, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 4 * 4, 2),
+        ),
+        (2, 1, 4, 4, 4),
+    ),
 }
 
 

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -80,7 +79,17 @@ def test_integer_codes_times_scale_is_the_quantized_value() -> None:
 
 @pytest.mark.parametrize(
     ("row", "width"),
-    [([0, 0], 0), ([-1, 0], 1), ([1, 0], 2), ([-2, 1], 2), ([2], 3), ([-4, 3], 3), ([4], 4), ([-32768], 16), ([32767], 16)],
+    [
+        ([0, 0], 0),
+        ([-1, 0], 1),
+        ([1, 0], 2),
+        ([-2, 1], 2),
+        ([2], 3),
+        ([-4, 3], 3),
+        ([4], 4),
+        ([-32768], 16),
+        ([32767], 16),
+    ],
 )
 def test_code_bits_is_the_smallest_signed_width(row: list[int], width: int) -> None:
     assert code_bits(torch.tensor([row])).tolist() == [width]

@@ -25,17 +25,26 @@ def test_exact_size_counts_kept_channels_live_fan_in_and_overhead() -> None:
     size = exact_size(model, graph)
     widths = {}
     for t in tensors:
-        codes = torch.round(torch.clamp(t.raw / torch.exp2(t.quantizer.exponent),
-                                        -torch.exp2(t.quantizer.bits.clamp_min(0) - 1),
-                                        torch.exp2(t.quantizer.bits.clamp_min(0) - 1) - 1))
-        widths[t.name] = [max((int(c).bit_length() if c >= 0 else int(-c - 1).bit_length()) + 1 if c != 0 else 0
-                              for c in row) for row in codes.tolist()]
+        codes = torch.round(
+            torch.clamp(
+                t.raw / torch.exp2(t.quantizer.exponent),
+                -torch.exp2(t.quantizer.bits.clamp_min(0) - 1),
+                torch.exp2(t.quantizer.bits.clamp_min(0) - 1) - 1,
+            )
+        )
+        widths[t.name] = [
+            max((int(c).bit_length() if c >= 0 else int(-c - 1).bit_length()) + 1 if c != 0 else 0 for c in row)
+            for row in codes.tolist()
+        ]
     per_channel = 32 + 8 + 32  # scale, width, bias
     # Layer 0 keeps rows 2..4 (fan-in 6); layer 2 keeps rows 0, 1 with 3 live inputs; head keeps 3 rows of 2 inputs.
     expected = (
-        sum(widths["0.weight"][r] * 6 for r in (2, 3, 4)) + 3 * per_channel
-        + sum(widths["2.weight"][r] * 3 for r in (0, 1)) + 2 * per_channel
-        + sum(widths["4.weight"][r] * 2 for r in range(3)) + 3 * per_channel
+        sum(widths["0.weight"][r] * 6 for r in (2, 3, 4))
+        + 3 * per_channel
+        + sum(widths["2.weight"][r] * 3 for r in (0, 1))
+        + 2 * per_channel
+        + sum(widths["4.weight"][r] * 2 for r in range(3))
+        + 3 * per_channel
     )
     assert size.total_bits == expected
     assert [layer.channels_kept for layer in size.layers] == [3, 2, 3]
