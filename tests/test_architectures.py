@@ -191,7 +191,7 @@ def test_finalize_refuses_to_change_outputs(monkeypatch: pytest.MonkeyPatch) -> 
         model.net[0].bias.fill_(0.5)
     close_channels(model, graph, group_of(graph, "net.0.weight")[:4], zero_constants=False)
     # Pretend the closed channels are silent: removing them now changes the outputs.
-    monkeypatch.setattr(finalize_module, "_silent_channels", lambda m, g, i: torch.ones(g.num_channels, dtype=bool))
+    monkeypatch.setattr(finalize_module, "silent_channels", lambda m, g, i: torch.ones(g.num_channels, dtype=bool))
     with pytest.raises(RuntimeError, match="changed the model's outputs"):
         finalize(model, ((x,), {}))
     compact, report = finalize(model, ((x,), {}), return_report=True, tolerance=None)

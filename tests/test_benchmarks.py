@@ -23,3 +23,11 @@ def test_digits_benchmark_smoke(tmp_path, capsys) -> None:
     assert run["finalized_accuracy"] == pytest.approx(run["accuracy"], abs=0.01)
     assert "machine:" in capsys.readouterr().out
     assert (tmp_path / "digits.json").exists()
+
+
+def test_shrink_benchmark_smoke(tmp_path) -> None:
+    summary = load("bench_shrink").main(["--smoke", "--plot", str(tmp_path / "shrink.png")])
+    results = summary["results"]
+    assert [len(results[mode]["epoch_seconds"]) for mode in ("plain", "mask", "shrink")] == [2, 2, 2]
+    assert summary["shrink_over_mask"] > 0
+    assert (tmp_path / "shrink.png").stat().st_size > 1000
