@@ -35,6 +35,7 @@ from selfcompress.graph import ExampleInputs, build_graph, example_inputs
 from selfcompress.layers import quantized_tensors
 from selfcompress.packing import pack_codes, unpack_codes
 from selfcompress.quantize import MAX_CODE_BITS, code_bits
+from selfcompress.surgery import resize_to_state_dict
 
 FORMAT_NAME = "selfcompress"
 FORMAT_VERSION = 1
@@ -333,22 +334,9 @@ def _check_model(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> 
             )
 
 
-def _apply(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> None:
-    modules = dict(model.named_modules())
-    for module_name, (_, attrs) in manifest["modules"].items():
-        for attr, value in attrs.items():
-            setattr(modules[module_name], attr, int(value))
-    for name, value in state.items():
-        module_name, _, attr = name.rpartition(".")
-        module = modules[module_name]
-        if attr in module._parameters:
-            old = module._parameters[attr]
-            module._parameters[attr] = nn.Parameter(
-                torch.empty(value.shape, dtype=value.dtype, device=old.device), requires_grad=old.requires_grad
-            )
-        elif attr in module._buffers:
-            old = module._buffers[attr]
-            module._buffers[attr] = torch.empty(value.shape, dtype=value.dtype, device=old.device)
+def _apply(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Resize ``model`` to the saved shapes (attributes follow the shapes), then load strictly."""
+    resize_to_state_dict(model, state)
     model.load_state_dict(state, strict=True)
 
 
@@ -380,8 +368,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
     _check_model(model, manifest, state)
     try:
-        _apply(copy.deepcopy(model), manifest, state)  # dry run: the real model stays untouched on failure
+        _apply(copy.deepcopy(model), state)  # dry run: the real model stays untouched on failure
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
         raise SelfCompressFormatError(f"the model does not match '{path}': {error}") from error
-    _apply(model, manifest, state)
+    _apply(model, state)
     return model
