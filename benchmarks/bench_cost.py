@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--gamma", type=float, default=0.02)
     parser.add_argument("--steps", type=int, default=30, help="steps per timed fit")
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each timed fit")
     parser.add_argument("--reps", type=int, default=3, help="interleaved (fp32, SelfCompress) pairs")

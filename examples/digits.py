@@ -37,7 +37,7 @@ def digits_loaders(batch_size: int = 32, seed: int = 0) -> tuple[DataLoader, Dat
     )
 
 
-def digits_cnn(width: int = 32) -> nn.Sequential:
+def digits_cnn(width: int = 32, dropout: float = 0.1) -> nn.Sequential:
     """Three conv blocks and a linear classifier for 1x8x8 images."""
 
     def block(cin: int, cout: int, pool: bool) -> list[nn.Module]:
@@ -49,7 +49,7 @@ def digits_cnn(width: int = 32) -> nn.Sequential:
         *block(width, 2 * width, pool=True),
         *block(2 * width, 4 * width, pool=True),
         nn.Flatten(),
-        nn.Dropout(0.1),
+        nn.Dropout(dropout),
         nn.Linear(4 * width * 2 * 2, 10),
     )
 

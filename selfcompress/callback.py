@@ -47,10 +47,12 @@ class SelfCompress(Callback):
         target_size: The size you want, instead of choosing ``gamma``: bytes (``65536``,
             ``"64KiB"``, ``"1.5MB"``), bits per original weight (``"2bpw"``) or a fraction
             of the float32 size (``"3%"``, ``"0.03x"``); see
-            :func:`selfcompress.targets.parse_target_size`. At the end of every epoch
-            ``gamma`` (starting at 0.01) becomes ``gamma * (size / target) ** gamma_rate``,
-            kept in ``[1e-6, 100]``. Giving both ``gamma`` and ``target_size`` is an error.
-        gamma_rate: How fast ``gamma`` follows ``target_size`` (per epoch).
+            :func:`selfcompress.targets.parse_target_size`. At every optimizer step the
+            exact size is measured and ``gamma`` (starting at 0.01) becomes
+            ``gamma * (size / target) ** gamma_rate``, kept in ``[1e-6, 100]``; at or
+            below the target the size term pauses. Giving both ``gamma`` and
+            ``target_size`` is an error.
+        gamma_rate: How fast ``gamma`` follows ``target_size`` (per optimizer step).
         initial_bits: Starting bit depth of every channel.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
@@ -77,7 +79,7 @@ class SelfCompress(Callback):
         gamma: float | None = None,
         *,
         target_size: int | str | None = None,
-        gamma_rate: float = 1.0,
+        gamma_rate: float = 0.02,
         initial_bits: float = 8.0,
         bits_lr: float = 0.1,
         exponent_lr: float = 0.05,
@@ -135,6 +137,7 @@ class SelfCompress(Callback):
         self._fp32_bits: int | None = None
         self._inputs = None
         self._stepped = False
+        self._above_target = True
         self._shrinking = False
         self._resize_hook = None
 
@@ -208,9 +211,10 @@ class SelfCompress(Callback):
             self._optimizer.zero_grad(set_to_none=True)
             return
         bits = [t.quantizer.bits for t in self._tensors]
-        size_gradient = torch.autograd.grad(self.gamma * self.penalty(), bits)
-        for param, grad in zip(bits, size_gradient, strict=True):
-            param.grad = grad if param.grad is None else param.grad + grad
+        if self.target_size is None or self._steer_towards_target(bits):
+            size_gradient = torch.autograd.grad(self.gamma * self.penalty(), bits)
+            for param, grad in zip(bits, size_gradient, strict=True):
+                param.grad = grad if param.grad is None else param.grad + grad
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         protect_outputs(self._tensors, self._graph, self.output_min_bits)
@@ -245,13 +249,32 @@ class SelfCompress(Callback):
         size = self.size()
         figures = size_figures(size)
         if self.target_size is not None:
-            target = parse_target_size(self.target_size, size.fp32_bits, self._num_weights)
-            figures["target_fraction"] = target / size.fp32_bits
-            figures["gamma"] = self.gamma  # the gamma this epoch trained with
-            self.gamma = update_gamma(self.gamma, size.total_bits, target, self.gamma_rate)
+            figures["target_fraction"] = self._target_bits(size) / size.fp32_bits
+            figures["gamma"] = self.gamma
         for name, value in figures.items():
             pl_module.log(METRIC_PREFIX + name, value, prog_bar=name in ("bits_per_weight", "size_fraction"))
         self.history.append({"epoch": trainer.current_epoch, **figures})
+
+    def _target_bits(self, size: ModelSize) -> int:
+        return parse_target_size(self.target_size, size.fp32_bits, size.weights_total)
+
+    def _steer_towards_target(self, bits: list[torch.nn.Parameter]) -> bool:
+        """Update ``gamma`` from the exact size; whether the size term applies this step.
+
+        Above the target the size term applies and ``gamma`` grows; at or below it the
+        term pauses and, on crossing, the bit depths' momentum is cleared so they stop
+        where they are.
+        """
+        size = self.size()
+        target = self._target_bits(size)
+        self.gamma = update_gamma(self.gamma, size.total_bits, target, self.gamma_rate)
+        above = size.total_bits > target
+        if self._above_target and not above:
+            for param in bits:
+                if "exp_avg" in self._optimizer.state.get(param, {}):
+                    self._optimizer.state[param]["exp_avg"].zero_()
+        self._above_target = above
+        return above
 
     def penalty(self) -> torch.Tensor:
         """The differentiable size term (bits per original weight), without ``gamma``."""
@@ -313,6 +336,7 @@ class SelfCompress(Callback):
             "fp32_bits": self._fp32_bits,
             "history": list(self.history),
             "gamma": self.gamma,
+            "above_target": self._above_target,
         }
 
     @override
@@ -322,6 +346,7 @@ class SelfCompress(Callback):
         self.history = list(state_dict["history"])
         if self.target_size is not None and "gamma" in state_dict:
             self.gamma = float(state_dict["gamma"])  # resume the steering where it was
+            self._above_target = bool(state_dict.get("above_target", True))
         if state_dict["optimizer"] is not None:
             self._pending_state = {"optimizer": state_dict["optimizer"]}
 

@@ -31,3 +31,10 @@ def test_shrink_benchmark_smoke(tmp_path) -> None:
     assert [len(results[mode]["epoch_seconds"]) for mode in ("plain", "mask", "shrink")] == [2, 2, 2]
     assert summary["shrink_over_mask"] > 0
     assert (tmp_path / "shrink.png").stat().st_size > 1000
+
+
+def test_target_benchmark_smoke() -> None:
+    results = load("bench_target").main(["--smoke"])
+    run = results["runs"][0]
+    assert run["target"] == "12KB" and run["target_bytes"] == 12000
+    assert run["reached_bytes"] > 0 and 0 <= run["accuracy"] <= 1
