@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for seed in range(args.seeds):
         start = time.perf_counter()
-        baseline, baseline_acc = train(epochs, gamma=None, seed=seed)
-        compressed, compressed_acc = train(epochs, gamma=args.gamma, seed=seed)
-        size = selfcompress.exact_size(compressed.net, selfcompress.build_graph(compressed.net))
+        baseline, baseline_acc, _ = train(epochs, gamma=None, seed=seed)
+        compressed, compressed_acc, callback = train(epochs, gamma=args.gamma, seed=seed)
+        size = callback.size()
         compact_acc = accuracy(selfcompress.finalize(compressed.net), digits_loaders(seed=seed)[1])
         fp32_bytes = 4 * sum(p.numel() for p in baseline.parameters())
         rows.append(

@@ -94,7 +94,9 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return float(metric.compute())
 
 
-def train(epochs: int, gamma: float | None, seed: int = 0, width: int = 32) -> tuple[Classifier, float]:
+def train(
+    epochs: int, gamma: float | None, seed: int = 0, width: int = 32
+) -> tuple[Classifier, float, selfcompress.SelfCompress | None]:
     """Train one classifier; ``gamma=None`` trains without compression."""
     pl.seed_everything(seed, verbose=False)
     train_loader, test_loader = digits_loaders(seed=seed)
@@ -110,7 +112,7 @@ def train(epochs: int, gamma: float | None, seed: int = 0, width: int = 32) -> t
         deterministic=True,
     )
     trainer.fit(model, train_loader)
-    return model, accuracy(model, test_loader)
+    return model, accuracy(model, test_loader), (callbacks[0] if callbacks else None)
 
 
 def main() -> None:
@@ -118,18 +120,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--gamma", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="write the compression report's PNG here")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     start = time.perf_counter()
-    baseline, baseline_acc = train(args.epochs, gamma=None, seed=args.seed)
-    compressed, compressed_acc = train(args.epochs, gamma=args.gamma, seed=args.seed)
+    baseline, baseline_acc, _ = train(args.epochs, gamma=None, seed=args.seed)
+    compressed, compressed_acc, callback = train(args.epochs, gamma=args.gamma, seed=args.seed)
     compact = selfcompress.finalize(compressed)
     compact_acc = accuracy(compact, digits_loaders(seed=args.seed)[1])
 
-    size = selfcompress.exact_size(compressed.net, selfcompress.build_graph(compressed.net))
+    size = callback.size()
     fp32_bytes = 4 * sum(p.numel() for p in baseline.parameters())
-    print(selfcompress.format_size_table(size))
+    if args.plot:
+        callback.report().plot(args.plot)
     print(f"fp32 baseline:  accuracy {baseline_acc:.2%}, {fp32_bytes:,} bytes")
     print(
         f"selfcompressed: accuracy {compressed_acc:.2%} (finalized {compact_acc:.2%}), "
