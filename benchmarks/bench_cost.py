@@ -32,7 +32,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from bench_mnist import DEFAULT_DATA, fit, have_data, loaders  # noqa: E402
-from common import header, write_json  # noqa: E402
+from common import header, median_seconds, write_json  # noqa: E402
 from mnist import mnist_cnn  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -56,21 +56,10 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def latency(module: nn.Module, batch: torch.Tensor, reps: int) -> float:
     module.eval()
     with torch.no_grad():
-        return median_time(lambda: module(batch), reps, warmup=2)
+        return median_seconds(lambda: module(batch), reps, warmup=2)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,14 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     base, _, _, _ = fit(train_loader, None, None, args.seed, args.train_steps)
     model, callback, train_seconds, steps = fit(train_loader, None, args.gamma, args.seed, args.train_steps)
     size = callback.size()
-    finalize_seconds = median_time(lambda: selfcompress.finalize(model.net), 3, warmup=0)
+    finalize_seconds = median_seconds(lambda: selfcompress.finalize(model.net), 3, warmup=0)
     compact = selfcompress.finalize(model.net)
     try:
         from selfcompress.io import save
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.safetensors"
-            save_seconds = median_time(lambda: save(model.net, path), 3, warmup=0)
+            save_seconds = median_seconds(lambda: save(model.net, path), 3, warmup=0)
             save_bytes = path.stat().st_size
         save_note = "selfcompress.io.save"
     except ImportError as error:

@@ -29,6 +29,10 @@ import safetensors.torch
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import median_seconds  # noqa: E402
+
 from selfcompress.bnb import bitsandbytes_from_codes, storage_bytes
 from selfcompress.graph import build_graph
 from selfcompress.io import compressed_codes, load, save
@@ -113,14 +117,7 @@ def simulate_training(model: nn.Module, inputs, seed: int = 0) -> None:
 
 def median_ms(fn, reps: int) -> float:
     with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return 1000 * times[len(times) // 2]
+        return 1000 * median_seconds(fn, reps)
 
 
 def tensor_bytes(module: nn.Module, dtype_bytes: int | None = None) -> int:

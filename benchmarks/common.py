@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,3 +28,15 @@ def header() -> str:
 def write_json(path: str | None, results: dict) -> None:
     if path:
         Path(path).write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(), **results}, indent=2))
+
+
+def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
