@@ -65,8 +65,7 @@ def main() -> None:
     model = Classifier(mnist_cnn())
     callback = selfcompress.SelfCompress(gamma=args.gamma)
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[callback], logger=False, enable_checkpointing=False)
-    trainer.fit(model, train)
-    print(selfcompress.format_size_table(callback.size()))
+    trainer.fit(model, train)  # the callback prints its size table at the end
     compact = selfcompress.finalize(model.net)
     print(f"test accuracy {accuracy(model, test):.2%} (finalized {accuracy(compact, test):.2%}), "
           f"exact size {callback.size().total_bytes:,} bytes")

@@ -25,7 +25,7 @@ from selfcompress.layers import ChannelQuantizer, bake, prepare, quantized_tenso
 from selfcompress.packing import pack_codes, unpack_codes
 from selfcompress.quantize import code_bits, integer_codes, quantize
 from selfcompress.report import CompressionReport, report
-from selfcompress.size import ModelSize, exact_size, format_size_table, penalty
+from selfcompress.size import ModelSize, exact_size, penalty
 from selfcompress.targets import parse_target_size, update_gamma
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "code_bits",
     "exact_size",
     "finalize",
-    "format_size_table",
     "integer_codes",
     "load",
     "pack_codes",

@@ -212,16 +212,3 @@ def _kept_elements(name: str, value: Tensor, graph: ChannelGraph, kept: Tensor) 
     removed = int((~kept[channels]).sum())
     return value.numel() // value.shape[0] * (value.shape[0] - removed)
 
-
-def format_size_table(size: ModelSize) -> str:
-    """A plain-text table of the per-layer figures and the total."""
-    header = f"{'layer':<28}{'channels':>12}{'weights kept':>16}{'mean bits':>11}{'bytes':>10}"
-    lines = [header, "-" * len(header)]
-    for layer in size.layers:
-        channels = f"{layer.channels_open}/{layer.channels_total}"
-        weights = f"{layer.weights_kept}/{layer.weights_total}"
-        lines.append(f"{layer.name:<28}{channels:>12}{weights:>16}{layer.mean_bits:>11.2f}{(layer.bits + 7) // 8:>10,}")
-    lines.append(f"{'other tensors':<28}{'':>12}{'':>16}{'':>11}{(size.other_bits + 7) // 8:>10,}")
-    lines.append(f"{'total':<28}{size.channels_open:>5}/{size.channels_total:<6}{'':>16}"
-                 f"{size.bits_per_weight:>11.2f}{size.total_bytes:>10,}")
-    return "\n".join(lines)
