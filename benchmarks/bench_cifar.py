@@ -13,7 +13,7 @@ decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (de
   50,000 images with flip / pad-4 crop, all 10,000 test images, gammas 0.0025 to 0.06;
 - ``--smoke`` (seconds): width 1/8, 256 training and 256 test images, one gamma.
 
-The paper's points (docs/method.md section 4; read off its Fig. 3, full net, ~850 epochs)
+The paper's points (Cséfalvay & Imber 2023, read off its Fig. 3, full net, ~850 epochs)
 are drawn for reference only, never as our measurement.
 
     python benchmarks/bench_cifar.py --out cifar.json --plot benchmarks/plots/cifar_pareto.png
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ZIP = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
 MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
-#: docs/method.md section 4: (percent of fp32 bits, accuracy %), read off the paper's Fig. 3.
+#: (percent of fp32 bits, accuracy %), read off Fig. 3 of Cséfalvay & Imber 2023.
 PAPER_POINTS = [(100.0, 95.69), (3.0, 95.69), (2.0, 95.0), (1.0, 94.3), (0.25, 90.2)]
 PAPER_DIFFQ = (8.0, 95.69)
 

@@ -1,7 +1,7 @@
 """Exporting a trained model to bitsandbytes 4-bit and 8-bit storage, exactly.
 
-The learned integer codes go straight into bitsandbytes storage (see ``docs/method.md``
-section 6), so no second quantization error is added:
+The learned integer codes go straight into bitsandbytes storage, so no second
+quantization error is added:
 
 - ``nn.Linear`` whose channels all fit 3 bits, with ``in_features`` a multiple of 64
   (4-bit blocks never straddle two rows): :class:`FP4Linear`, a ``bnb.nn.Linear4bit``
