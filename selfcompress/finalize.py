@@ -155,7 +155,7 @@ def remove_closed_channels(
         group = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, idxs)
         group.prune()
         report.removed[root_name] = idxs
-    closed_whole = ~graph.removable & ~_any_writer_open(graph, open_mask)
+    closed_whole = ~graph.removable & ~graph.writers_open(open_mask)
     for root_name, offset, size in graph.roots:
         reason = graph.reasons.get(root_name)
         if reason is None:
@@ -164,17 +164,6 @@ def remove_closed_channels(
         closed = closed_whole[offset : offset + size].nonzero().flatten().tolist()
         if closed:
             report.kept_closed[root_name] = closed
-
-
-def _any_writer_open(graph, open_mask: dict[str, Tensor]) -> Tensor:
-    """Per global channel: whether some layer writing it has it open (uncompressed writers are open)."""
-    any_open = torch.zeros(graph.num_channels, dtype=torch.bool)
-    for name, producer in graph.producers.items():
-        rows_open = (
-            open_mask[name][producer.rows] if name in open_mask else torch.ones_like(producer.rows, dtype=torch.bool)
-        )
-        any_open.index_put_((producer.channels,), rows_open.cpu(), accumulate=True)
-    return any_open
 
 
 @torch.no_grad()

@@ -85,20 +85,24 @@ class ChannelGraph:
     outputs: set[str] = field(default_factory=set)
     dependency: tp.DependencyGraph | None = field(default=None, repr=False)
 
-    def kept_channels(self, open_rows: dict[str, Tensor]) -> Tensor:
-        """Per global channel: kept unless removable and every producer row is closed.
+    def writers_open(self, open_rows: dict[str, Tensor]) -> Tensor:
+        """Per global channel: whether some producer row writing it is open.
 
         ``open_rows`` maps each compressed weight's name to its boolean open mask;
         producers that are not compressed are always open.
         """
-        any_open = ~self.removable.clone()
+        any_open = torch.zeros(self.num_channels, dtype=torch.bool)
         for name, producer in self.producers.items():
             if name in open_rows:
-                rows_open = open_rows[name][producer.rows]
+                rows_open = open_rows[name][producer.rows].cpu()
             else:
                 rows_open = torch.ones_like(producer.rows, dtype=torch.bool)
-            any_open.index_put_((producer.channels,), rows_open.to(any_open.device), accumulate=True)
+            any_open.index_put_((producer.channels,), rows_open, accumulate=True)
         return any_open
+
+    def kept_channels(self, open_rows: dict[str, Tensor]) -> Tensor:
+        """Per global channel: kept unless removable and every producer row is closed."""
+        return ~self.removable | self.writers_open(open_rows)
 
 
 def record_example_inputs(model: nn.Module) -> None:
