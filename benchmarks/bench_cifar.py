@@ -35,7 +35,7 @@ import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_mnist import make_callback  # noqa: E402
-from common import header, write_json  # noqa: E402
+from common import add_run_arguments, header, write_json  # noqa: E402
 from digits import Classifier, accuracy  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -204,12 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--smoke", action="store_true", help="seconds, to check the script runs")
-    parser.add_argument("--full", action="store_true", help="the full net and budget; for a GPU")
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
-    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    add_run_arguments(parser, full_help="the full net and budget; for a GPU")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.zip.exists():

@@ -32,7 +32,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from bench_mnist import DEFAULT_DATA, fit, have_data, loaders  # noqa: E402
-from common import header, median_seconds, write_json  # noqa: E402
+from common import add_run_arguments, header, median_seconds, write_json  # noqa: E402
 from mnist import mnist_cnn  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=3, help="interleaved (fp32, SelfCompress) pairs")
     parser.add_argument("--train-steps", type=int, default=400, help="steps of the model that is finalized")
     parser.add_argument("--latency-reps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--smoke", action="store_true", help="seconds, to check the script runs")
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
-    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:

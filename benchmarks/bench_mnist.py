@@ -27,7 +27,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from common import header, write_json  # noqa: E402
+from common import add_run_arguments, header, write_json  # noqa: E402
 from digits import Classifier, accuracy  # noqa: E402
 from mnist import mnist, mnist_cnn  # noqa: E402
 from torch import nn  # noqa: E402
@@ -137,12 +137,7 @@ def parser_with_common(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=2, help="short setting: epochs")
     parser.add_argument("--batch-size", type=int, default=128, help="short setting: batch size")
     parser.add_argument("--train-subset", type=int, default=None, help="short setting: first N training images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--smoke", action="store_true", help="seconds, to check the script runs")
-    parser.add_argument("--full", action="store_true", help="the reference budget; for a GPU")
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
-    parser.add_argument("--plot", default=None, help="write a PNG plot here")
+    add_run_arguments(parser, full_help="the reference budget; for a GPU")
     return parser
 
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "examples")]
 
-from common import header, write_json  # noqa: E402
+from common import add_run_arguments, header, write_json  # noqa: E402
 from digits import Classifier, accuracy, digits_cnn, digits_loaders  # noqa: E402
 
 import selfcompress  # noqa: E402
@@ -98,11 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--gamma", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--smoke", action="store_true", help="two epochs at width 8")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--plot", default=None)
+    add_run_arguments(parser, smoke_help="two epochs at width 8")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     epochs, width = (2, 8) if args.smoke else (args.epochs, args.width)

@@ -17,7 +17,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 
 from bench_mnist import DEFAULT_DATA, have_data  # noqa: E402
 from bench_mnist import loaders as mnist_loaders  # noqa: E402
-from common import header, write_json  # noqa: E402
+from common import add_run_arguments, header, write_json  # noqa: E402
 from digits import Classifier, accuracy, digits_cnn, digits_loaders  # noqa: E402
 from mnist import mnist_cnn  # noqa: E402
 
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--targets", nargs="+", default=["12KB", "8KiB", "2%"])
     parser.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="MNIST IDX files (for --dataset mnist)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--out", default=None)
+    add_run_arguments(parser, smoke_help="two epochs, one target", plot=False)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.dataset == "mnist" and not have_data(args.data_dir):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -40,3 +41,18 @@ def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> floa
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, *, smoke_help: str = "seconds, to check the script runs",
+    full_help: str | None = None, plot: bool = True,
+) -> None:
+    """The options every benchmark shares: seed, threads, smoke (and full), JSON and PNG output."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    if full_help:
+        parser.add_argument("--full", action="store_true", help=full_help)
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    if plot:
+        parser.add_argument("--plot", default=None, help="write a PNG plot here")
