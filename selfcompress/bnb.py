@@ -55,6 +55,10 @@ def _fp4_state(rows: int, cols: int, scale: Tensor, dtype: torch.dtype) -> bnbf.
     )
 
 
+def _frozen(value: Tensor, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(value.detach().to(dtype).clone(), requires_grad=False)
+
+
 class Int8Linear(Linear8bitLt):
     """``Linear8bitLt`` holding learned codes; its state dict loads strictly at any time."""
 
@@ -66,7 +70,7 @@ class Int8Linear(Linear8bitLt):
         module.weight.CB = cb
         module.weight.SCB = (127.0 * layer.scale.float()).contiguous()
         if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
+            module.bias = _frozen(linear.bias, dtype)
         return module
 
     def _load_from_state_dict(
@@ -111,7 +115,7 @@ class FP4Linear(Linear4bit):
         )
         module.quant_state = state
         if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().to(dtype).clone(), requires_grad=False)
+            module.bias = _frozen(linear.bias, dtype)
         return module
 
     def _load_from_state_dict(
@@ -167,7 +171,7 @@ class BnbConv(nn.Module):
             self.register_buffer("packed", _fp4_pack(codes))
             self.register_buffer("absmax", _fp4_state(rows, padded, layer.scale, torch.float32).absmax)
         bias = conv.bias
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        self.bias = None if bias is None else _frozen(bias, dtype)
 
     def dequantized_weight(self) -> Tensor:
         rows = self.weight_shape[0]
