@@ -2,13 +2,14 @@
 
 Modules, one idea each:
 
-- ``quantize``: the paper's per-channel quantizer (eq. 1) and integer bit counting.
+- ``quantize``: the paper's per-channel quantizer (eq. 1), integer bit counting, and
+  recovering a baked weight's integer form.
 - ``layers``: attaching bit depths and exponents to weights; baking them in.
 - ``graph``: channel dependency groups (what must lose channel k together).
 - ``size``: the differentiable size penalty and the exact packed size.
 - ``gates``: closed channels and driving their constants to zero.
 - ``surgery``: removing channels from a training model and its optimizers.
-- ``finalize``: a trained model to a plain compact module.
+- ``finalize``: any form of a trained model to one plain compact module and its codes.
 - ``packing`` / ``io``: bit packing; the safetensors file, saved and loaded safely.
 - ``bnb``: bitsandbytes modules built from the learned integer codes.
 - ``targets`` / ``report``: size targets; per-layer report, table and plot.
@@ -23,7 +24,7 @@ from selfcompress.graph import build_graph
 from selfcompress.io import SelfCompressFormatError, load, save
 from selfcompress.layers import ChannelQuantizer, bake, prepare, quantized_tensors
 from selfcompress.packing import pack_codes, unpack_codes
-from selfcompress.quantize import code_bits, integer_codes, quantize
+from selfcompress.quantize import code_bits, dequantize, integer_codes, integer_form, quantize
 from selfcompress.report import CompressionReport, report
 from selfcompress.size import ModelSize, exact_size, penalty
 from selfcompress.targets import parse_target_size, update_gamma
@@ -38,9 +39,11 @@ __all__ = [
     "bake",
     "build_graph",
     "code_bits",
+    "dequantize",
     "exact_size",
     "finalize",
     "integer_codes",
+    "integer_form",
     "load",
     "pack_codes",
     "parse_target_size",

@@ -13,6 +13,8 @@ quantization error is added:
   same 4-bit (rows padded to whole blocks) or 8-bit storage and dequantizing in forward.
 - Layers with a channel above 8 bits stay plain layers in ``dtype``.
 
+The compute dtype is float32 by default, which CPU inputs usually are; pass
+``dtype=torch.float16`` or ``torch.bfloat16`` for half-precision inputs on a GPU.
 In float32 on CPU the exported model reproduces :func:`selfcompress.finalize` to float
 rounding (the dequantized weights are bit-identical; only the kernels' summation order
 may differ): the tests check ``max |diff| <= 1e-5 * max |output|``.
@@ -21,14 +23,15 @@ may differ): the tests check ``max |diff| <= 1e-5 * max |output|``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import bitsandbytes.functional as bnbf
 import torch
 from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
 from torch import Tensor, nn
 
-from selfcompress.graph import ExampleInputs
-from selfcompress.io import LayerCodes, compressed_codes
+from selfcompress.finalize import LayerCodes, compressed
+from selfcompress.graph import autograd_enabled
 
 BLOCKSIZE = 64
 #: fp4 nibble of each integer code -4..3 when the block absmax is 6 * 2^e (table x 6).
@@ -126,8 +129,11 @@ class FP4Linear(Linear4bit):
         if key in state_dict and stats:
             try:
                 self.weight = Params4bit.from_prequantized(
-                    data=state_dict[key].clone(), quantized_stats=stats, requires_grad=False,
-                    device=self.weight.device, module=self,
+                    data=state_dict[key].clone(),
+                    quantized_stats=stats,
+                    requires_grad=False,
+                    device=self.weight.device,
+                    module=self,
                 )
             except Exception as error:  # a malformed quant state
                 error_msgs.append(f"cannot load 4-bit weight {key}: {error}")
@@ -152,8 +158,17 @@ class BnbConv(nn.Module):
         if bits not in (4, 8):
             raise ValueError(f"`bits` must be 4 or 8, got {bits}.")
         self._conv_forward_of = type(conv)._conv_forward
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "_reversed_padding_repeated_twice"):
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+            "_reversed_padding_repeated_twice",
+        ):
             setattr(self, attr, getattr(conv, attr))
         self.weight_shape = tuple(layer.codes.shape)
         self.bits = bits
@@ -180,8 +195,12 @@ class BnbConv(nn.Module):
         else:
             code = bnbf.get_4bit_type("fp4", device=self.absmax.device)
             state = bnbf.QuantState(
-                absmax=self.absmax, shape=torch.Size([rows, self.padded_fan]), code=code,
-                blocksize=BLOCKSIZE, quant_type="fp4", dtype=torch.float32,
+                absmax=self.absmax,
+                shape=torch.Size([rows, self.padded_fan]),
+                code=code,
+                blocksize=BLOCKSIZE,
+                quant_type="fp4",
+                dtype=torch.float32,
             )
             weight = bnbf.dequantize_4bit(self.packed.reshape(-1, 1), state, quant_type="fp4")
             weight = weight[:, : math.prod(self.weight_shape[1:])]
@@ -200,37 +219,46 @@ class BnbConv(nn.Module):
 
 def to_bitsandbytes(
     model: nn.Module,
-    inputs: ExampleInputs | None = None,
+    inputs: Any = None,
     *,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype = torch.float32,
     four_bit: bool = True,
 ) -> nn.Module:
     """A finalized copy of a trained ``model`` with its weights in bitsandbytes storage.
 
+    Works under any grad mode and leaves it as it was.
+
     Args:
-        model: A model prepared by :func:`selfcompress.prepare` (trained); not modified.
-        inputs: ``(args, kwargs)`` of one forward call, as for :func:`finalize`.
-        dtype: Compute dtype: parameters that stay in floating point (layers with a
-            channel above 8 bits, biases, batch norms) are cast to it, and the bitsandbytes
-            layers compute in it. ``torch.float32`` gives the closest match on CPU.
+        model: Any model :func:`selfcompress.finalize` accepts (the LightningModule, its
+            network, the finalized module, a plain model from a checkpoint); not modified.
+        inputs: One forward call, as for :func:`selfcompress.finalize`.
+        dtype: The dtype the model's inputs will have. Everything that stays in floating
+            point (biases, batch norms, layers with a channel above 8 bits, any float
+            weight) is cast to it, and the bitsandbytes layers compute in it. Float32 (the
+            default) suits CPU inputs; use ``torch.float16`` / ``torch.bfloat16`` for
+            half-precision inputs on a GPU.
         four_bit: Use 4-bit storage for layers whose channels all fit 3 bits.
 
     Returns:
         The compact module, its ``nn.Linear`` layers replaced by :class:`FP4Linear` /
-        :class:`Int8Linear` and its convolutions by :class:`BnbConv` where the codes fit.
-        Put it on a device with ``.to(device)`` as usual (bitsandbytes moves its state).
+        :class:`Int8Linear` and its convolutions by :class:`BnbConv` where the codes fit,
+        on the CPU. Put it on a device with ``.to(device)`` as usual (bitsandbytes moves its
+        state).
 
     Raises:
-        ValueError / SelfCompressFormatError: As :func:`selfcompress.io.compressed_codes`.
+        ValueError: As :func:`selfcompress.finalize`, or ``dtype`` is not a floating-point dtype.
     """
-    compact, _, layers = compressed_codes(model, inputs)
-    return bitsandbytes_from_codes(compact, layers, dtype=dtype, four_bit=four_bit)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"`dtype` must be a floating-point torch.dtype, got {dtype!r}.")
+    with autograd_enabled():
+        compact, _, layers = compressed(model, inputs)
+        return bitsandbytes_from_codes(compact.cpu(), layers, dtype=dtype, four_bit=four_bit)
 
 
 def bitsandbytes_from_codes(
-    compact: nn.Module, layers: dict[str, LayerCodes], *, dtype: torch.dtype = torch.float16, four_bit: bool = True
+    compact: nn.Module, layers: dict[str, LayerCodes], *, dtype: torch.dtype = torch.float32, four_bit: bool = True
 ) -> nn.Module:
-    """:func:`to_bitsandbytes` from the output of :func:`selfcompress.io.compressed_codes`.
+    """:func:`to_bitsandbytes` from the output of :func:`selfcompress.finalize.compressed`.
 
     ``compact`` is modified in place (cast to ``dtype``, layers replaced) and returned.
     """

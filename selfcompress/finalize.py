@@ -1,24 +1,38 @@
-"""From a trained model to a plain compact one: bake the quantized weights, remove closed channels."""
+"""From whatever the user holds to one plain compact module and the integer form of its weights.
+
+Every consumer (``finalize``, ``save``, ``report``, ``to_bitsandbytes``) goes through
+:func:`compressed`: it turns its input (a LightningModule trained with the callback, the
+network inside it, a finalized module, a plain model loaded from a checkpoint) into a
+baked plain copy, removes closed channels, and reads each weight's integer codes with
+:func:`selfcompress.quantize.integer_form`, a pure function of the weight's values. So
+the results of every input agree by construction.
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from selfcompress.graph import (
     ExampleInputs,
+    as_inputs,
+    autograd_enabled,
     build_graph,
+    clone_inputs,
     example_inputs,
+    first_calls,
     run_forward,
+    set_example_inputs,
     stop_recording,
     traced_module,
 )
-from selfcompress.layers import bake, quantized_tensors
-from selfcompress.size import open_rows
+from selfcompress.layers import COMPRESSIBLE, bake
+from selfcompress.quantize import code_bits, dequantize, integer_form
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +42,13 @@ class RemovalReport:
     """What :func:`finalize` removed and what it kept, and why.
 
     Attributes:
-        removed: Per group (named by its root layer), the removed output-channel indices
-            of that layer, in the numbering before removal.
+        removed: Per group (named by its root layer in the returned module), the removed
+            output-channel indices of that layer, in the numbering before removal.
         kept: Per group, why its channels (or some closed ones) were kept: the group is
             not removable at all (outputs, a normalisation over channels, attention), or a
             closed channel still passes a non-zero constant.
-        kept_closed: Per group, the closed channels (every writer at zero bits) that were
-            kept anyway, in the root layer's numbering; ``kept`` says why.
+        kept_closed: Per group, the closed channels (every writer row exactly zero) that
+            were kept anyway, in the root layer's numbering; ``kept`` says why.
         max_abs_difference: Largest difference between the outputs of the trained model
             and of the finalized one on the example inputs (eval mode).
         output_scale: Largest absolute output of the trained model on those inputs.
@@ -51,69 +65,89 @@ class RemovalReport:
         return sum(len(idxs) for idxs in self.removed.values())
 
 
+@dataclass(frozen=True)
+class LayerCodes:
+    """The integer form of one weight of a finalized model.
+
+    ``weight == dequantize(codes, scale, dtype)`` bit for bit.
+    """
+
+    name: str
+    codes: Tensor  # int32, the weight's shape
+    scale: Tensor  # float32 (rows,)
+    widths: Tensor  # int64 (rows,): bits each row's codes need, 0 to 16
+    dtype: torch.dtype
+
+    def weight(self) -> Tensor:
+        return dequantize(self.codes, self.scale, self.dtype)
+
+
 def finalize(
     model: nn.Module,
-    inputs: ExampleInputs | None = None,
+    inputs: Any = None,
     *,
     return_report: bool = False,
     tolerance: float | None = 1e-5,
 ) -> nn.Module | tuple[nn.Module, RemovalReport]:
-    """A plain copy of a trained ``model``: quantized weights baked in, closed channels removed.
+    """A plain compact copy of a trained ``model``: quantized weights baked in, closed channels removed.
 
-    Channels are removed group by group (see :mod:`selfcompress.graph`): a channel goes
-    only when every layer writing it has zero bits for it and it provably reaches every
-    reader as exactly zero. Everything else is kept, and the report says why.
+    A channel is closed when every layer writing it has an all-zero row for it; it is
+    removed, group by group (see :mod:`selfcompress.graph`), only when it also provably
+    reaches every reader as exactly zero. Everything else is kept, and the report says
+    why. Works under any grad mode (``no_grad``, ``inference_mode``) and leaves it as it was.
 
     Args:
-        model: A model prepared by :func:`selfcompress.prepare` (or the callback), or any
-            submodule of it. It is not modified.
-        inputs: ``(args, kwargs)`` of one forward call; by default those recorded during
-            training or the module's ``example_input_array``. A model whose training
-            step calls a submodule (``self.net(x)``) is traced through that submodule.
+        model: Any of: a LightningModule trained with ``SelfCompress`` (its network is
+            finalized: the innermost submodule called by its forward that holds all of its
+            state), the prepared network inside it, the output of ``finalize``, or a plain
+            model whose compressed weights hold their quantized values (removed channels
+            as zero rows), e.g. as loaded from a checkpoint. It is not modified.
+        inputs: One forward call: a tensor, a tuple of positional arguments, or
+            ``(args, kwargs)``. By default those recorded during training (or by a
+            previous ``finalize``), or the module's ``example_input_array``.
         return_report: Also return a :class:`RemovalReport`.
-        tolerance: Largest allowed difference between the outputs of ``model`` and of the
-            result (eval mode, on ``inputs``), relative to the largest output magnitude.
+        tolerance: Largest allowed difference between the outputs before and after channel
+            removal (eval mode, on ``inputs``), relative to the largest output magnitude.
             ``None`` skips the check (the report still holds the difference).
 
     Raises:
-        ValueError: ``model`` has no quantized weights, or no example inputs are known.
-        RuntimeError: The finalized model's outputs differ from the trained model's by
-            more than ``tolerance``: a dependency the channel groups missed.
+        ValueError: No weight of ``model`` is in integer form (an untrained plain model),
+            or no example inputs are known.
+        RuntimeError: Removing channels changed the outputs by more than ``tolerance``:
+            a dependency the channel groups missed.
     """
-    tensors = quantized_tensors(model)
-    if not tensors:
-        raise ValueError("`model` has no quantized weights: call `selfcompress.prepare` or train with `SelfCompress`.")
-    traced, path = model, ""
-    inputs = inputs if inputs is not None else example_inputs(model)
-    if inputs is None:
-        # A LightningModule whose training_step calls `self.net(x)`: trace `self.net`.
-        found = traced_module(model)
-        if found is not None:
-            traced, inputs = found
-            path = next(name for name, module in model.named_modules() if module is traced)
-    if inputs is None:
-        raise ValueError(
-            "`inputs` is required: no forward call of this model was recorded and it has no "
-            "`example_input_array`; pass `(args, kwargs)` of one forward call."
-        )
-    stop_recording(model)
-    open_mask = open_rows(quantized_tensors(traced))
-    compact = _plain_copy(model)
-    bake(compact)
-    compact_traced = compact.get_submodule(path) if path else compact
-    report = RemovalReport()
-    remove_closed_channels(compact_traced, open_mask, inputs, report)
-    if path:
-        report.removed = {f"{path}.{k}": v for k, v in report.removed.items()}
-        report.kept = {f"{path}.{k}": v for k, v in report.kept.items()}
-        report.kept_closed = {f"{path}.{k}": v for k, v in report.kept_closed.items()}
+    compact, report, _ = compressed(model, inputs, tolerance=tolerance)
+    return (compact, report) if return_report else compact
 
-    was_training = model.training
-    model.eval()
-    compact.eval()
-    with torch.no_grad():
-        expected, actual = run_forward(traced, inputs), run_forward(compact_traced, inputs)
-    model.train(was_training)
+
+def compressed(
+    model: nn.Module, inputs: Any = None, *, tolerance: float | None = 1e-5
+) -> tuple[nn.Module, RemovalReport, dict[str, LayerCodes]]:
+    """The one pipeline: ``(compact module, removal report, integer form of its weights)``.
+
+    ``model`` and ``inputs`` are as for :func:`finalize`. Every Linear/Conv (and attention
+    projection) weight whose rows are all exactly ``scale * codes`` with codes of at most
+    16 bits is in the returned mapping, keyed by its ``state_dict`` name; the compact
+    module's weights are set to exactly ``dequantize(codes, scale)``. The compact module
+    remembers ``inputs``, so it is itself a valid input later.
+    """
+    with autograd_enabled():
+        plain, inputs = plain_module(model, inputs)
+        was_training = plain.training
+        plain.eval()
+        with torch.no_grad():
+            expected = run_forward(plain, inputs)
+        report = RemovalReport()
+        remove_closed_channels(plain, open_weight_rows(plain), inputs, report)
+        layers = layer_codes(plain)
+        if not layers:
+            raise ValueError(
+                "`model` has no compressed weights: no Linear/Conv weight is 2^e x integer codes. Call "
+                "`selfcompress.prepare` or train with `SelfCompress` first."
+            )
+        with torch.no_grad():
+            actual = run_forward(plain, inputs)
+        plain.train(was_training)
     report.max_abs_difference, report.output_scale = _compare(expected, actual)
     if tolerance is not None and report.max_abs_difference > tolerance * max(report.output_scale, 1e-12):
         raise RuntimeError(
@@ -123,7 +157,93 @@ def finalize(
         )
     for root, reason in report.kept.items():
         log.info("finalize kept closed channels of '%s': %s", root, reason)
-    return (compact, report) if return_report else compact
+    set_example_inputs(plain, inputs)
+    return plain, report, layers
+
+
+def plain_module(model: nn.Module, inputs: Any = None) -> tuple[nn.Module, ExampleInputs]:
+    """A baked plain copy of the module of ``model`` to compress, and one forward call of it.
+
+    A prepared model is copied and baked; a LightningModule gives way to its network.
+    """
+    traced = model
+    if inputs is not None:
+        inputs = as_inputs(inputs)
+    else:
+        inputs = example_inputs(model)
+        if inputs is None:
+            # A LightningModule whose training_step calls `self.net(x)`: trace `self.net`.
+            found = traced_module(model)
+            if found is not None:
+                traced, inputs = found
+    if inputs is None:
+        raise ValueError(
+            "`inputs` is required: no forward call of this model was recorded and it has no "
+            "`example_input_array`; pass one call's inputs (a tensor, a tuple of positional "
+            "arguments, or `(args, kwargs)`)."
+        )
+    stop_recording(model)
+    plain = bake(_plain_copy(traced))
+    inputs = clone_inputs(inputs)
+    if _is_lightning_module(plain):
+        plain, inputs = _network(plain, inputs)
+    return plain, inputs
+
+
+def _is_lightning_module(module: nn.Module) -> bool:
+    # By name: Lightning is imported only by the callback.
+    return any(
+        cls.__name__ == "LightningModule" and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+        for cls in type(module).__mro__
+    )
+
+
+def _network(module: nn.Module, inputs: ExampleInputs) -> tuple[nn.Module, ExampleInputs]:
+    """The innermost submodule called in ``module``'s forward that holds all of its state."""
+    calls = first_calls(module, inputs)
+    state = {id(t) for t in [*module.parameters(), *module.buffers()]}
+    found = module, inputs
+    for sub in module.modules():
+        if sub in calls and state <= {id(t) for t in [*sub.parameters(), *sub.buffers()]}:
+            found = sub, calls[sub]
+    return found
+
+
+def _compressible_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(state_dict name, module, attribute)`` of every Linear/Conv/attention weight."""
+    found = []
+    for module_name, module in model.named_modules():
+        attrs = next((attrs for cls, attrs in COMPRESSIBLE.items() if isinstance(module, cls)), ())
+        for attr in attrs:
+            if isinstance(getattr(module, attr, None), nn.Parameter):
+                found.append((f"{module_name}.{attr}" if module_name else attr, module, attr))
+    return found
+
+
+def open_weight_rows(model: nn.Module) -> dict[str, Tensor]:
+    """Per compressible weight of a plain ``model``: the rows that are not all exactly zero."""
+    return {
+        name: getattr(module, attr).detach().reshape(getattr(module, attr).shape[0], -1).ne(0).any(dim=1).cpu()
+        for name, module, attr in _compressible_weights(model)
+    }
+
+
+@torch.no_grad()
+def layer_codes(model: nn.Module) -> dict[str, LayerCodes]:
+    """The integer form of every weight of a plain ``model`` that has one; sets the weight to it.
+
+    Setting the weight to ``dequantize(codes, scale)`` changes at most the sign of a zero.
+    """
+    layers = {}
+    for name, module, attr in _compressible_weights(model):
+        weight = getattr(module, attr)
+        form = integer_form(weight)
+        if form is None:
+            continue
+        codes, scale = form
+        layers[name] = LayerCodes(name, codes, scale, code_bits(codes), weight.dtype)
+        weight.copy_(dequantize(codes, scale, weight.dtype))
+    return layers
 
 
 def remove_closed_channels(

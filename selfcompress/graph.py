@@ -11,6 +11,8 @@ channel numbering, which the size accounting, the gates and the surgery all shar
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,18 +194,84 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def dependency_graph(model: nn.Module, inputs: ExampleInputs) -> tp.DependencyGraph:
-    """Trace ``model`` with Torch-Pruning, in eval mode, leaving no trace in its state."""
+@contextmanager
+def autograd_enabled() -> Iterator[None]:
+    """Grad on and inference mode off inside; the caller's modes are restored on exit."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def clone_inputs(value: Any) -> Any:
+    """A copy of every tensor in ``value`` (detached; ordinary tensors, not inference tensors)."""
+    with torch.inference_mode(False):
+        if isinstance(value, Tensor):
+            return value.detach().clone()
+        if isinstance(value, (list, tuple)):
+            return type(value)(clone_inputs(item) for item in value)
+        if isinstance(value, dict):
+            return {key: clone_inputs(item) for key, item in value.items()}
+        return value
+
+
+def as_inputs(inputs: Any) -> ExampleInputs:
+    """``inputs`` as ``(args, kwargs)``: a tensor, a tuple of positional args, or ``(args, kwargs)``."""
+    if isinstance(inputs, Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, list):
+        inputs = tuple(inputs)
+    if isinstance(inputs, tuple):
+        if len(inputs) == 2 and isinstance(inputs[0], (tuple, list)) and isinstance(inputs[1], dict):
+            return tuple(inputs[0]), dict(inputs[1])
+        return inputs, {}
+    raise ValueError(
+        f"`inputs` must be a tensor, a tuple of positional arguments or `(args, kwargs)`, got {type(inputs).__name__}."
+    )
+
+
+def first_calls(model: nn.Module, inputs: ExampleInputs) -> dict[nn.Module, ExampleInputs]:
+    """The arguments of the first call of every submodule during one eval forward of ``model``."""
+    calls: dict[nn.Module, ExampleInputs] = {}
+
+    def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.setdefault(module, clone_inputs((args, kwargs)))
+
+    handles = [module.register_forward_pre_hook(remember, with_kwargs=True) for module in model.modules()]
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            run_forward(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in training.items():
+            module.training = mode
+    return calls
+
+
+def dependency_graph(model: nn.Module, inputs: ExampleInputs) -> tp.DependencyGraph:
+    """Trace ``model`` with Torch-Pruning, in eval mode, leaving no trace in its state.
+
+    Tracing follows autograd, so it runs with grad enabled, outside inference mode and with
+    every floating-point parameter requiring grad, whatever the caller's modes and flags.
+    """
+    training = {module: module.training for module in model.modules()}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    model.eval()
+    try:
+        with autograd_enabled(), torch.random.fork_rng(devices=[]):
+            inputs = clone_inputs(inputs)
+            for param in flags:
+                if param.is_floating_point():
+                    param.requires_grad_(True)
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=inputs, forward_fn=lambda m, x: run_forward(m, x)
             )
     finally:
         for module, mode in training.items():
             module.training = mode
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
 
 
 def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> ChannelGraph:
@@ -315,4 +383,3 @@ def _is_grouped(module: nn.Module) -> bool:
 
 def _cat(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-

@@ -1,14 +1,14 @@
 """Saving a trained model as one packed safetensors file, and loading it back.
 
-The file holds, for every compressed weight, only the channels :func:`~selfcompress.finalize`
-keeps: their integer codes bit-packed at the width each channel needs
-(:mod:`selfcompress.packing`), a float32 scale ``2^e`` and a uint8 width per channel.
-Every other tensor of the finalized model (biases, batch-norm parameters and statistics,
-uncompressed layers) is stored as it is. A JSON manifest in the safetensors metadata
-records the format version, the shape of every tensor after channel removal, the shape
-it had before, the removed channel indices and the module attributes that removal
-changed. The layout matches :func:`selfcompress.exact_size` (codes, 32-bit scale, 8-bit
-width and 32-bit bias per kept channel; everything else at its own precision).
+The file is the compact module :func:`~selfcompress.finalize` returns: every weight in
+integer form (:func:`selfcompress.quantize.integer_form`) as its codes bit-packed at the
+width each row needs (:mod:`selfcompress.packing`), a float32 scale and a uint8 width per
+row; every other tensor (biases, batch-norm parameters and statistics, float weights) as
+it is. A JSON manifest in the safetensors metadata records the format version, each
+packed tensor's shape and dtype, the type and shape attributes of every module, and a
+SHA-256 of the tensors; it depends only on the compact module, so every input
+``finalize`` accepts gives the same bytes. (Version 1 also recorded the shapes before
+removal and the removed indices; :func:`load` reads both versions.)
 
 Loading never unpickles anything: safetensors and JSON only. Every problem with a file
 (truncated, corrupted, foreign, written by a newer version, or not matching the model)
@@ -23,33 +23,37 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from selfcompress.finalize import RemovalReport, finalize
-from selfcompress.graph import ExampleInputs, build_graph, example_inputs
-from selfcompress.layers import quantized_tensors
+from selfcompress.finalize import LayerCodes, RemovalReport, compressed
 from selfcompress.packing import pack_codes, unpack_codes
-from selfcompress.quantize import MAX_CODE_BITS, code_bits
+from selfcompress.quantize import dequantize
 from selfcompress.surgery import resize_to_state_dict
 
 FORMAT_NAME = "selfcompress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "selfcompress"
 _CODES, _SCALE, _WIDTH = "::codes", "::scale", "::width"
 
 #: Module attributes that channel removal may change, restored by :func:`load`.
 _SHAPE_ATTRS = (
-    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "num_parameters"
+    "in_channels",
+    "out_channels",
+    "groups",
+    "in_features",
+    "out_features",
+    "num_features",
+    "num_parameters",
 )
 
 _DTYPES = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    str(dtype).removeprefix("torch."): dtype for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
 
 
@@ -63,139 +67,48 @@ class SelfCompressFormatError(ValueError):
     """
 
 
-@dataclass(frozen=True)
-class LayerCodes:
-    """The integer form of one compressed weight of a finalized model.
+def compressed_codes(model: nn.Module, inputs: Any = None) -> tuple[nn.Module, RemovalReport, dict[str, LayerCodes]]:
+    """``(compact, report, codes)`` of any model :func:`~selfcompress.finalize` accepts.
 
-    ``weight == (codes.float() * scale.view(-1, 1, ...)).to(dtype)`` bit for bit.
+    ``codes`` maps each weight stored packed (its ``state_dict`` name in ``compact``) to its
+    :class:`~selfcompress.finalize.LayerCodes`; works under any grad mode.
     """
-
-    name: str
-    codes: Tensor  # int32, the weight's shape after channel removal
-    scale: Tensor  # float32 (rows,): 2 ** exponent of each kept row
-    widths: Tensor  # int64 (rows,): bits each kept row needs
-    dtype: torch.dtype
-
-    def weight(self) -> Tensor:
-        return dequantize(self.codes, self.scale, self.dtype)
+    return compressed(model, inputs)
 
 
-def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``codes * scale`` per row, in float32 and then ``dtype`` (the op finalize bakes)."""
-    shape = (-1,) + (1,) * (codes.dim() - 1)
-    return (codes.float() * scale.float().reshape(shape)).to(dtype)
+def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None) -> dict:
+    """Write a trained model as one packed safetensors file.
 
-
-def compressed_codes(
-    model: nn.Module, inputs: ExampleInputs | None = None
-) -> tuple[nn.Module, RemovalReport, dict[str, LayerCodes]]:
-    """Finalize a prepared ``model`` and recover the integer codes of its compressed weights.
-
-    Returns:
-        ``(compact, report, codes)``: the module and report of :func:`finalize`, and per
-        compressed weight name (as in ``compact.state_dict()``) its :class:`LayerCodes`.
-
-    Raises:
-        ValueError: As :func:`finalize`.
-        SelfCompressFormatError: A kept weight is not exactly ``2^e * code`` with codes
-            of at most 16 bits.
-    """
-    tensors = quantized_tensors(model)
-    if not tensors:
-        raise ValueError("`model` has no quantized weights: call `selfcompress.prepare` or train with `SelfCompress`.")
-    inputs = inputs if inputs is not None else example_inputs(model)
-    compact, report = finalize(model, inputs, return_report=True)
-    compact_state = compact.state_dict()
-    removed = _removed_rows(model, inputs, report) if report.removed else {}
-    layers = {}
-    for tensor in tensors:
-        weight = compact_state.get(tensor.name)
-        if weight is None:
-            raise SelfCompressFormatError(f"the finalized model has no tensor '{tensor.name}'.")
-        rows = torch.ones(tensor.raw.shape[0], dtype=torch.bool)
-        if tensor.name in removed:
-            rows[removed[tensor.name]] = False
-        if int(rows.sum()) != weight.shape[0]:
-            raise SelfCompressFormatError(
-                f"'{tensor.name}': {int(rows.sum())} rows expected after removal, "
-                f"the finalized model has {weight.shape[0]}."
-            )
-        # exp2 of the whole exponent tensor, as the quantizer computes it: a vectorised
-        # exp2 may differ by an ulp between SIMD lanes and the tail of a shorter tensor.
-        scale = torch.exp2(tensor.quantizer.exponent.detach()).float().reshape(-1).cpu()[rows]
-        weight = weight.detach().cpu()
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        codes = torch.round(weight.float() / scale.reshape(shape)).to(torch.int32)
-        if not torch.equal(dequantize(codes, scale, weight.dtype), weight):
-            raise SelfCompressFormatError(
-                f"'{tensor.name}' is not exactly 2^exponent x integer codes after finalize; cannot pack it."
-            )
-        widths = code_bits(codes)
-        if len(widths) and int(widths.max()) > MAX_CODE_BITS:
-            raise SelfCompressFormatError(f"'{tensor.name}' has codes wider than {MAX_CODE_BITS} bits; cannot pack it.")
-        layers[tensor.name] = LayerCodes(tensor.name, codes, scale, widths, weight.dtype)
-    return compact, report, layers
-
-
-def _removed_rows(model: nn.Module, inputs: ExampleInputs, report: RemovalReport) -> dict[str, Tensor]:
-    """Per compressed weight, the row indices finalize removed (original numbering)."""
-    graph = build_graph(model, inputs)
-    gone = torch.zeros(graph.num_channels, dtype=torch.bool)
-    for root, offset, size in graph.roots:
-        idxs = report.removed.get(root)
-        if idxs:
-            if max(idxs) >= size:
-                raise SelfCompressFormatError(f"removed channels of '{root}' do not match its channel group.")
-            gone[torch.as_tensor(idxs, dtype=torch.int64) + offset] = True
-    return {
-        name: producer.rows[gone[producer.channels]]
-        for name, producer in graph.producers.items()
-        if gone[producer.channels].any()
-    }
-
-
-def save(model: nn.Module, path: str | os.PathLike, inputs: ExampleInputs | None = None) -> dict:
-    """Write a trained, prepared ``model`` as one packed safetensors file.
+    The file is that of the compact module :func:`~selfcompress.finalize` returns, so every
+    input it accepts (the LightningModule, its network, the finalized module, a plain model
+    from a checkpoint) gives the same file. Works under any grad mode.
 
     Args:
-        model: A model prepared by :func:`selfcompress.prepare` (trained); not modified.
+        model: Any model :func:`~selfcompress.finalize` accepts; not modified.
         path: Where to write; the file is replaced atomically.
-        inputs: ``(args, kwargs)`` of one forward call, as for :func:`finalize`.
+        inputs: One forward call, as for :func:`~selfcompress.finalize`.
 
     Returns:
         The manifest stored in the file's metadata.
 
     Raises:
-        ValueError: As :func:`finalize` (no quantized weights, no example inputs).
-        SelfCompressFormatError: A weight cannot be stored exactly.
+        ValueError: As :func:`~selfcompress.finalize` (no compressed weights, no inputs).
     """
-    compact, report, layers = compressed_codes(model, inputs)
-    original = _original_shapes(model)
+    compact, _, layers = compressed(model, inputs)
     tensors: dict[str, Tensor] = {}
     packed: dict[str, dict] = {}
-    original_shapes: dict[str, list[int]] = {}
     for name, value in compact.state_dict().items():
-        if tuple(original.get(name, value.shape)) != tuple(value.shape):
-            original_shapes[name] = list(original[name])
         layer = layers.get(name)
-        if layer is None:
+        if layer is None or layer.dtype not in _DTYPES.values():
             tensors[name] = value.detach().cpu().contiguous()
             continue
-        if layer.dtype not in _DTYPES.values():
-            raise SelfCompressFormatError(f"'{name}' has unsupported dtype {layer.dtype}.")
         packed[name] = {"shape": list(value.shape), "dtype": str(layer.dtype).removeprefix("torch.")}
         tensors[name + _CODES] = pack_codes(layer.codes.reshape(layer.codes.shape[0], -1), layer.widths)
         tensors[name + _SCALE] = layer.scale.contiguous()
         tensors[name + _WIDTH] = layer.widths.to(torch.uint8)
-    before = dict(model.named_modules())
     modules = {}
     for module_name, module in compact.named_modules():
-        old = before.get(module_name)
-        attrs = {
-            attr: getattr(module, attr)
-            for attr in _SHAPE_ATTRS
-            if isinstance(getattr(module, attr, None), int) and getattr(old, attr, None) != getattr(module, attr)
-        }
+        attrs = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if isinstance(getattr(module, attr, None), int)}
         if attrs:
             modules[module_name] = [type(module).__name__, attrs]
     manifest = {
@@ -203,9 +116,7 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: ExampleInputs | None
         "version": FORMAT_VERSION,
         "sha256": _digest(tensors),
         "packed": packed,
-        "original_shapes": original_shapes,
         "modules": modules,
-        "removed": {root: list(map(int, idxs)) for root, idxs in report.removed.items()},
     }
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -227,13 +138,6 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         digest.update(name.encode("utf-8") + b"\0")
         digest.update(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _original_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    shapes = {name: value.shape for name, value in model.state_dict().items()}
-    for tensor in quantized_tensors(model):
-        shapes[tensor.name] = tensor.raw.shape
-    return shapes
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
@@ -285,8 +189,8 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
 def _file_state(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
     """The finalized model's state dict rebuilt from a validated file."""
     packed = manifest["packed"]
-    if not isinstance(packed, dict) or not isinstance(manifest["original_shapes"], dict):
-        raise TypeError("`packed` and `original_shapes` must be mappings")
+    if not isinstance(packed, dict):
+        raise TypeError("`packed` must be a mapping")
     state, used = {}, set()
     for name, entry in packed.items():
         shape = tuple(int(d) for d in entry["shape"])
@@ -309,6 +213,7 @@ def _file_state(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _check_model(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> None:
+    """Whether ``model`` can take the file's tensors: same names and types, channels only fewer."""
     current = model.state_dict()
     missing, unexpected = sorted(set(state) - set(current)), sorted(set(current) - set(state))
     if missing or unexpected:
@@ -316,15 +221,25 @@ def _check_model(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> 
             "the model does not match the file: "
             f"tensors in the file but not the model {missing[:5]}, in the model but not the file {unexpected[:5]}."
         )
-    originals = manifest["original_shapes"]
-    for name, value in state.items():
-        expected = tuple(int(d) for d in originals.get(name, value.shape))
-        if tuple(current[name].shape) != expected:
-            raise SelfCompressFormatError(
-                f"the model does not match the file: '{name}' has shape {tuple(current[name].shape)}, "
-                f"the file was saved from shape {expected}."
-            )
     modules = dict(model.named_modules())
+    for name, value in state.items():
+        have = tuple(current[name].shape)
+        module = modules.get(name.rpartition(".")[0])
+        channel_dims = 0
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            channel_dims = min(value.dim(), 2)
+        elif isinstance(module, _BatchNorm):
+            channel_dims = min(value.dim(), 1)
+        shape = tuple(value.shape)
+        fits = len(shape) == len(have) and all(
+            (1 <= saved <= own) if dim < channel_dims else saved == own
+            for dim, (saved, own) in enumerate(zip(shape, have, strict=False))
+        )
+        if not fits:
+            raise SelfCompressFormatError(
+                f"the model does not match the file: '{name}' has shape {have}, the file holds {shape} "
+                "(only channel dimensions of Linear, Conv and BatchNorm layers may be smaller in the file)."
+            )
     for module_name, (type_name, _) in manifest["modules"].items():
         module = modules.get(module_name)
         if module is None or type(module).__name__ != type_name:
@@ -343,9 +258,12 @@ def _apply(model: nn.Module, state: dict[str, Tensor]) -> None:
 def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     """Load a file written by :func:`save` into a fresh instance of the model's class.
 
-    ``model`` is a plain (not prepared) instance, as constructed; its layers are shrunk to
-    the saved shapes, and its weights set to ``codes * 2^e`` exactly as :func:`finalize`
-    bakes them, so on the same device its outputs equal the finalized model's bit for bit.
+    ``model`` is a plain (not prepared) instance, as constructed, with the original
+    shapes or any larger than the file's: every tensor must have the file's name and
+    number of dimensions, Linear/Conv/BatchNorm channel dimensions may be larger than in
+    the file and are shrunk to it, every other dimension must be equal. Its weights are
+    set to ``codes * scale`` exactly as :func:`~selfcompress.finalize` sets them, so on the
+    same device its outputs equal the finalized model's bit for bit. Version 1 files load too.
 
     Returns:
         ``model``, loaded in place.
@@ -354,22 +272,26 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         SelfCompressFormatError: A truncated, corrupted or foreign file, a newer format
             version, or a model that does not match. ``model`` is then unchanged.
     """
-    manifest, stored = read_manifest(path)
-    try:
-        state = _file_state(manifest, stored)
-        modules = manifest["modules"]
-        if not isinstance(modules, dict) or not all(
-            isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values()
-        ):
-            raise TypeError("`modules` must map names to [type, attributes]")
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
-        if isinstance(error, SelfCompressFormatError):
-            raise
-        raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
-    _check_model(model, manifest, state)
-    try:
-        _apply(copy.deepcopy(model), state)  # dry run: the real model stays untouched on failure
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
-        raise SelfCompressFormatError(f"the model does not match '{path}': {error}") from error
-    _apply(model, state)
-    return model
+    # Tensors made under inference mode cannot be updated outside it, and the reverse: load in
+    # the mode the model's tensors were made in, whatever the caller's.
+    made_in_inference = any(t.is_inference() for t in model.state_dict().values())
+    with torch.inference_mode(made_in_inference):
+        manifest, stored = read_manifest(path)
+        try:
+            state = _file_state(manifest, stored)
+            modules = manifest["modules"]
+            if not isinstance(modules, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values()
+            ):
+                raise TypeError("`modules` must map names to [type, attributes]")
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            if isinstance(error, SelfCompressFormatError):
+                raise
+            raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
+        _check_model(model, manifest, state)
+        try:
+            _apply(copy.deepcopy(model), state)  # dry run: the real model stays untouched on failure
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise SelfCompressFormatError(f"the model does not match '{path}': {error}") from error
+        _apply(model, state)
+        return model

@@ -68,3 +68,90 @@ def initial_exponent(weight: Tensor, bits: float) -> Tensor:
     top_code = max(2.0 ** (bits - 1) - 1, 0.5)
     tiny = torch.finfo(weight.dtype).tiny
     return torch.log2(largest.clamp_min(tiny) / top_code).to(torch.float32)
+
+
+#: Scale stored for an all-zero row (its codes are all 0 and its width 0).
+ZERO_ROW_SCALE = 1.0
+
+
+def dequantize(codes: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``codes * scale`` per row (first dimension), in float32 and then ``dtype``."""
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return (codes.float() * scale.float().reshape(shape)).to(dtype)
+
+
+def integer_form(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The integer form of a weight: per output row, codes ``k`` and a float32 scale ``s``.
+
+    ``dequantize(k, s, weight.dtype)`` equals ``weight`` bit for bit (up to the sign of
+    zero), every code fits :data:`MAX_CODE_BITS` signed bits, and each row's codes are
+    the smallest that do: with ``t`` the code of the row's smallest non-zero magnitude,
+    ``t = 1, 2, ...`` is tried until the row is exact. An all-zero row gets codes 0 and
+    scale :data:`ZERO_ROW_SCALE`. Vectorised over rows; a pure function of the values.
+
+    Returns:
+        ``(codes, scale)``: int32 codes of ``weight``'s shape and float32 scales of shape
+        ``(rows,)`` on the CPU; ``None`` when some row is not ``s * k`` with such codes
+        (an ordinary float weight), or the tensor is not a floating-point matrix.
+    """
+    if not weight.is_floating_point() or weight.dim() < 2 or weight.shape[0] == 0:
+        return None
+    values = weight.detach().cpu()
+    rows = values.float().reshape(values.shape[0], -1)
+    if not torch.isfinite(rows).all() or (values.dtype == torch.float64 and not torch.equal(rows.double(), values)):
+        return None
+    magnitude = rows.abs().double()
+    smallest = torch.where(magnitude > 0, magnitude, torch.inf).amin(dim=1)
+    largest = magnitude.amax(dim=1)
+    codes = torch.zeros(rows.shape, dtype=torch.int32)
+    scale = torch.full((rows.shape[0],), ZERO_ROW_SCALE, dtype=torch.float32)
+    pending = largest > 0
+    # |k| <= 2^15 everywhere, and |k| at the largest weight is about t * largest / smallest.
+    limit = torch.where(pending, torch.floor(2.0**15 * smallest / largest * (1 + 2.0**-20)), 0.0)
+    top = 2 ** (MAX_CODE_BITS - 1)
+    t = 1
+    while pending.any():
+        if (pending & (limit < t)).any():
+            return None
+        idx = pending.nonzero().flatten()
+        ratio = rows[idx].double() * (t / smallest[idx, None])
+        k = torch.round(ratio)
+        near = ((ratio - k).abs() <= 2.0**-16 + 2.0**-20 * ratio.abs()).all(dim=1)
+        near &= ((k >= -top) & (k <= top - 1)).all(dim=1)
+        if near.any():
+            found, exact = _exact_scale(rows[idx[near]], k[near])
+            done = idx[near][exact]
+            codes[done] = k[near][exact].to(torch.int32)
+            scale[done] = found[exact]
+            pending[done] = False
+        t += 1
+    return codes.reshape(values.shape), scale
+
+
+def _exact_scale(rows: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, a float32 ``s`` with ``codes.float() * s == rows`` exactly, and whether one was found.
+
+    Each non-zero code ``k`` of value ``w`` allows ``s`` in ``[(w - ulp/2) / k, (w + ulp/2) / k]``
+    (float64); the float32 nearest the middle of the rows' intersection and its
+    neighbours are checked in float32, the arithmetic of :func:`dequantize`.
+    """
+    w = rows.double()
+    below = torch.nextafter(rows, torch.tensor(-torch.inf)).double()
+    above = torch.nextafter(rows, torch.tensor(torch.inf)).double()
+    nonzero = codes != 0
+    safe = torch.where(nonzero, codes, 1.0)
+    ends = torch.stack([(w + below) / 2 / safe, (w + above) / 2 / safe])
+    low = torch.where(nonzero, ends.amin(dim=0), -torch.inf).amax(dim=1)
+    high = torch.where(nonzero, ends.amax(dim=0), torch.inf).amin(dim=1)
+    middle = ((low + high) / 2).float()
+    up, down = torch.tensor(torch.inf), torch.tensor(-torch.inf)
+    candidates = [middle, torch.nextafter(middle, up), torch.nextafter(middle, down)]
+    candidates += [torch.nextafter(candidates[1], up), torch.nextafter(candidates[2], down)]
+    codes32 = codes.float()
+    found = middle.clone()
+    exact = torch.zeros(len(rows), dtype=torch.bool)
+    for candidate in candidates:
+        fits = ~exact & (codes32 * candidate[:, None] == rows).all(dim=1) & (candidate > 0)
+        found = torch.where(fits, candidate, found)
+        exact |= fits
+    return found, exact

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfcompress.graph import ExampleInputs, build_graph
+from selfcompress.finalize import compressed
 from selfcompress.layers import quantized_tensors
 from selfcompress.quantize import MAX_CODE_BITS, code_bits, integer_codes
-from selfcompress.size import ModelSize, _kept_rows, exact_size, open_rows
+from selfcompress.size import ModelSize, _kept_rows, open_rows, packed_size
 
 #: Keys of the callback's per-epoch history that are size figures, not task metrics.
 SIZE_KEYS = ("epoch", "bits_per_weight", "size_fraction", "size_bytes", "weights_kept", "channels_open")
@@ -231,8 +231,9 @@ def _plot_history(ax: Any, epochs: list[Mapping[str, float]]) -> None:
     x = [entry["epoch"] for entry in epochs]
     handles = []
     if all("size_fraction" in entry for entry in epochs):
-        handles += ax.plot(x, [100 * entry["size_fraction"] for entry in epochs], "o-", color="C0",
-                           label="size (% of fp32)")
+        handles += ax.plot(
+            x, [100 * entry["size_fraction"] for entry in epochs], "o-", color="C0", label="size (% of fp32)"
+        )
         ax.set_ylabel("size (% of fp32)")
         ax.set_ylim(bottom=0)
     elif all("size_bytes" in entry for entry in epochs):
@@ -250,8 +251,14 @@ def _plot_history(ax: Any, epochs: list[Mapping[str, float]]) -> None:
         twin.set_ylabel(metrics[0] if len(metrics) == 1 else "metrics")
         legend_ax = twin  # drawn last, so its legend stays above every line
     # Above the plot, not inside it: a twin axis hides the first axis' lines from loc="best".
-    legend_ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(handles), 4),
-                     fontsize=8, frameon=False)
+    legend_ax.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncol=min(len(handles), 4),
+        fontsize=8,
+        frameon=False,
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -274,25 +281,29 @@ def channel_bits(model: nn.Module, graph: Any) -> dict[str, list[int]]:
 
 def report(
     model: nn.Module,
-    inputs: ExampleInputs | None = None,
+    inputs: Any = None,
     history: Sequence[Mapping[str, float]] | None = None,
 ) -> CompressionReport:
-    """The compression report of a prepared ``model`` (one traced after ``prepare``).
+    """The compression report of the packed file :func:`selfcompress.save` would write.
+
+    Its figures are those of the compact module :func:`selfcompress.finalize` returns
+    (channels and weights as they are there; removed channels are not counted, and the
+    fp32 figure is that module's parameters at 32 bits), so every input gives the same
+    report. Works under any grad mode.
 
     Args:
-        model: The prepared model (the one the callback traced, e.g. ``module.net``).
-        inputs: ``(args, kwargs)`` of one forward call; by default those recorded during
-            training or the model's ``example_input_array``, as for :func:`build_graph`.
+        model: Any model :func:`selfcompress.finalize` accepts: the LightningModule trained
+            with the callback, its network, the finalized module, a plain model from a
+            checkpoint.
+        inputs: One forward call, as for :func:`selfcompress.finalize`.
         history: The callback's ``history`` (per-epoch dicts), for :meth:`plot`.
 
     Raises:
         ValueError: ``model`` has no compressed weights, or no inputs are known for it.
     """
-    if not quantized_tensors(model):
-        raise ValueError("`model` has no compressed weights: call `selfcompress.prepare` (or train with "
-                         "the SelfCompress callback) first.")
-    graph = build_graph(model, inputs)
-    return from_size(exact_size(model, graph), channel_bits(model, graph), history)
+    compact, _, layers = compressed(model, inputs)
+    widths = {name: layer.widths for name, layer in layers.items()}
+    return from_size(packed_size(compact, widths), widths, history)
 
 
 def from_size(

@@ -8,13 +8,14 @@ every other parameter or buffer at its own precision.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from selfcompress.graph import ChannelGraph
-from selfcompress.layers import QuantizedTensor, quantized_tensors
+from selfcompress.layers import _BIAS_OF, QuantizedTensor, quantized_tensors
 from selfcompress.quantize import code_bits, integer_codes
 
 SCALE_BITS = 32
@@ -189,6 +190,51 @@ def exact_size(model: nn.Module, graph: ChannelGraph) -> ModelSize:
     )
 
 
+def packed_size(model: nn.Module, widths: Mapping[str, Tensor]) -> ModelSize:
+    """The exact size of a plain ``model`` saved packed, per layer and in total.
+
+    ``widths`` maps each packed weight (its ``state_dict`` name) to the code width of
+    each of its rows; each row costs its codes, a float32 scale, a one-byte width and, if
+    the layer has one, its float32 bias. Every other tensor counts at its own precision.
+    The figures describe the model as it is (``channels_total`` and ``weights_total`` are
+    its current ones).
+    """
+    state = dict(_state_tensors(model))
+    layers, counted = [], set()
+    for name, row_widths in widths.items():
+        weight = state[name]
+        module_name, _, attr = name.rpartition(".")
+        bias_attr = _BIAS_OF.get(attr)
+        bias_name = (f"{module_name}.{bias_attr}" if module_name else bias_attr) if bias_attr else None
+        bias = state.get(bias_name) if bias_name else None
+        row_widths = row_widths.to(torch.int64).cpu()
+        rows, fan_in = weight.shape[0], weight[0].numel() if weight.shape[0] else 0
+        open_mask = row_widths > 0
+        layers.append(
+            LayerSize(
+                name=name,
+                channels_open=int(open_mask.sum()),
+                channels_kept=rows,
+                channels_total=rows,
+                weights_kept=weight.numel(),
+                weights_total=weight.numel(),
+                mean_bits=float(row_widths[open_mask].float().mean()) if open_mask.any() else 0.0,
+                max_bits=int(row_widths.max()) if rows else 0,
+                code_bits=int(row_widths.sum()) * fan_in,
+                overhead_bits=rows * (SCALE_BITS + WIDTH_BITS + (BIAS_BITS if bias is not None else 0)),
+            )
+        )
+        counted.update({name, bias_name} if bias is not None else {name})
+    other_tensors = {n: v.numel() * v.element_size() * 8 for n, v in state.items() if n not in counted}
+    return ModelSize(
+        layers=layers,
+        other_bits=sum(other_tensors.values()),
+        fp32_bits=32 * sum(p.numel() for p in model.parameters()),
+        weights_total=sum(layer.weights_total for layer in layers),
+        other_tensors=other_tensors,
+    )
+
+
 def _state_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
     seen: set[int] = set()
     found = []
@@ -211,4 +257,3 @@ def _kept_elements(name: str, value: Tensor, graph: ChannelGraph, kept: Tensor) 
         return value.numel()
     removed = int((~kept[channels]).sum())
     return value.numel() // value.shape[0] * (value.shape[0] - removed)
-

@@ -14,11 +14,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def make_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(8 * 4 * 4, 64), nn.ReLU(),
-        nn.Linear(64, 32), nn.ReLU(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
         nn.Linear(32, 10),
     )
 
@@ -91,7 +99,7 @@ def test_outputs_match_finalized(trained):
         for bn in (exported[1], exported[4]):
             bn.eval()
         assert float((exported(x) - reference).abs().max()) <= 1e-5 * scale
-    half = to_bitsandbytes(model, inputs).eval()  # float16 by default
+    half = to_bitsandbytes(model, inputs, dtype=torch.float16).eval()
     with torch.no_grad():
         assert float((half(x.half()).float() - reference).abs().max()) <= 2e-2 * scale
 
@@ -119,7 +127,7 @@ def test_state_dict_round_trip(trained):
 
 def test_storage_smaller_than_fp16(trained):
     model, inputs, compact = trained
-    exported = to_bitsandbytes(model, inputs)
+    exported = to_bitsandbytes(model, inputs, dtype=torch.float16)
     fp16 = sum(p.numel() * 2 for p in compact.parameters())
     assert storage_bytes(exported) < fp16
 
@@ -130,7 +138,7 @@ def test_cuda_export_matches(trained):
     model, inputs, compact = trained
     x = torch.randn(5, 3, 4, 4)
     reference = compact(x)
-    exported = to_bitsandbytes(model, inputs).cuda().eval()
+    exported = to_bitsandbytes(model, inputs, dtype=torch.float16).cuda().eval()
     with torch.no_grad():
         out = exported(x.cuda().half()).float().cpu()
     assert float((out - reference).abs().max()) <= 2e-2 * float(reference.abs().max())

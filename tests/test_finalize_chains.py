@@ -151,6 +151,8 @@ def test_finalize_without_inputs_says_what_is_missing() -> None:
         finalize(model)
 
 
-def test_finalize_of_an_unprepared_model_fails() -> None:
-    with pytest.raises(ValueError, match="no quantized weights"):
-        finalize(nn.Linear(2, 2), ((torch.randn(1, 2),), {}))
+def test_finalize_of_an_untrained_plain_model_fails() -> None:
+    # A plain model is accepted when its weights are in integer form; float weights are not.
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="no compressed weights"):
+        finalize(nn.Linear(32, 8), torch.randn(1, 32))

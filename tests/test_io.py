@@ -23,10 +23,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_net() -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 12, 1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(12 * 4 * 4, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(12 * 4 * 4, 10),
     )
 
 
@@ -92,20 +98,19 @@ def test_load_reproduces_finalize_bit_for_bit(saved):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_manifest_records_shapes_and_removed(saved):
+def test_manifest_records_the_compact_module(saved):
     _, _, path, manifest, compact, report = saved
     stored, _ = read_manifest(path)
     assert stored == manifest
-    assert stored["version"] == 1
-    assert stored["removed"] == {k: list(v) for k, v in report.removed.items()}
+    assert stored["version"] == 2
+    assert "removed" not in stored and "original_shapes" not in stored  # a function of the compact module only
     state = compact.state_dict()
     for key, entry in stored["packed"].items():
         assert entry["shape"] == list(state[key].shape)
     assert set(stored["packed"]) == {"0.weight", "3.weight", "6.weight", "9.weight"}
     assert stored["packed"]["0.weight"]["shape"] == [6, 3, 3, 3]
-    assert stored["original_shapes"]["0.weight"] == [8, 3, 3, 3]
-    assert stored["original_shapes"]["1.running_mean"] == [8]
     assert stored["modules"]["3"] == ["Conv2d", {"in_channels": 6, "out_channels": 6, "groups": 6}]
+    assert stored["modules"]["1"] == ["BatchNorm2d", {"num_features": 6}]
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
     assert "0.weight" not in keys and "0.weight::codes" in keys
@@ -194,7 +199,20 @@ def _rewrite_manifest(path, out, edit):
 def test_newer_version(saved, tmp_path):
     newer = tmp_path / "newer.sc"
     _rewrite_manifest(saved[2], newer, lambda m: m.update(version=m["version"] + 1))
-    _expect_format_error(newer, match="version 2")
+    _expect_format_error(newer, match="version 3")
+
+
+def test_version_1_files_still_load(saved, tmp_path):
+    _, inputs, path, _, compact, _ = saved
+    old = tmp_path / "v1.sc"
+
+    def as_version_1(manifest):
+        manifest.update(version=1, removed={"0": [1, 4]}, original_shapes={"0.weight": [8, 3, 3, 3]})
+
+    _rewrite_manifest(path, old, as_version_1)
+    loaded = load(old, make_net()).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(inputs[0][0]), compact(inputs[0][0]))
 
 
 def test_inconsistent_manifest(saved, tmp_path):
@@ -205,9 +223,15 @@ def test_inconsistent_manifest(saved, tmp_path):
 
 def test_mismatched_model(saved):
     path = saved[2]
+    narrower = make_net()
+    narrower[0] = nn.Conv2d(3, 4, 3, padding=1)  # the file has 6 channels: more than the model
+    _expect_format_error(path, narrower, match="does not match")
+    other_kernel = make_net()
+    other_kernel[0] = nn.Conv2d(3, 8, 5, padding=2)
+    _expect_format_error(path, other_kernel, match="does not match")
     wider = make_net()
-    wider[0] = nn.Conv2d(3, 16, 3, padding=1)
-    _expect_format_error(path, wider, match="does not match")
+    wider[0] = nn.Conv2d(3, 16, 3, padding=1)  # channels are only ever fewer in the file: resized
+    assert load(path, wider)[0].out_channels == saved[4][0].out_channels
     shorter = nn.Sequential(*list(make_net())[:-1])
     _expect_format_error(path, shorter, match="does not match")
     renamed = nn.Sequential(*list(make_net()))
@@ -226,7 +250,10 @@ def test_bench_smoke_prints_figures(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_export.py"), "--smoke", "--out", str(out)],
-        capture_output=True, text=True, timeout=240, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "command:" in result.stdout and "machine:" in result.stdout

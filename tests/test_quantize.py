@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from selfcompress import code_bits, integer_codes, quantize
-from selfcompress.quantize import initial_exponent
+from selfcompress.quantize import ZERO_ROW_SCALE, dequantize, initial_exponent, integer_form
 
 
 def reference(x: float, b: float, e: float) -> float:
@@ -110,3 +110,45 @@ def test_initial_exponent_fits_the_largest_weight_with_rounding_error_only() -> 
     exponent = initial_exponent(weight, 8).reshape(6, 1, 1, 1)
     q = quantize(weight, torch.full_like(exponent, 8.0), exponent)
     assert torch.all((q - weight).abs() <= torch.exp2(exponent) / 2 + 1e-7)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    widths=st.lists(st.integers(0, 16), min_size=1, max_size=6),
+    cols=st.integers(1, 40),
+    exponents=st.lists(st.floats(-30, 10, allow_nan=False), min_size=6, max_size=6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_integer_form_reproduces_quantized_weights_with_no_wider_codes(
+    widths: list[int], cols: int, exponents: list[float], dtype: torch.dtype, seed: int
+) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for width in widths:
+        low, high = (-(2 ** (width - 1)), 2 ** (width - 1)) if width else (0, 1)
+        rows.append(torch.randint(low, high, (cols,), generator=generator))
+    codes = torch.stack(rows)
+    # The quantizer's arithmetic: float32 scale 2^e (e real) times the integer codes.
+    scale = torch.exp2(torch.tensor(exponents[: len(widths)], dtype=torch.float32))
+    weight = dequantize(codes, scale, dtype)
+    form = integer_form(weight)
+    assert form is not None
+    found_codes, found_scale = form
+    assert found_codes.dtype == torch.int32 and found_scale.dtype == torch.float32
+    assert torch.equal(dequantize(found_codes, found_scale, dtype), weight)
+    assert (code_bits(found_codes) <= code_bits(codes)).all()
+
+
+def test_integer_form_of_special_rows() -> None:
+    weight = torch.zeros(3, 4)
+    weight[1] = torch.tensor([0.5, -0.25, 0.0, 0.75])
+    codes, scale = integer_form(weight)
+    assert codes[0].eq(0).all() and codes[2].eq(0).all() and scale[0] == ZERO_ROW_SCALE
+    assert codes[1].tolist() == [2, -1, 0, 3] and scale[1] == 0.25  # the smallest codes
+    assert integer_form(torch.randn(16, 64, generator=torch.Generator().manual_seed(0))) is None
+    assert integer_form(torch.tensor([[1.0, float("nan")]])) is None
+    assert integer_form(torch.tensor([[2.0**-20, 1.0]])) is None  # needs 21-bit codes
+    assert integer_form(torch.ones(4)) is None  # not a matrix
+    with_half = dequantize(torch.tensor([[3, -7, 1]]), torch.tensor([2.0**-9]), torch.float16)
+    assert torch.equal(dequantize(*integer_form(with_half), torch.float16), with_half)

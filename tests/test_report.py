@@ -1,4 +1,5 @@
 import io
+import os
 import struct
 
 import lightning.pytorch as pl
@@ -6,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfcompress import SelfCompress, build_graph, code_bits, exact_size, integer_codes, prepare
+from selfcompress import SelfCompress, code_bits, finalize, integer_codes, prepare, save
 from selfcompress.graph import set_example_inputs
 from selfcompress.report import CompressionReport, report
 from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
@@ -31,44 +32,60 @@ def prepared(bits: dict[str, list[float]] | None = None) -> nn.Sequential:
 
 CLOSING = {"0.weight": [-1, 0, 3, 5, 8], "2.weight": [2, 2, -1, 4]}
 HISTORY = [
-    {"epoch": 0, "bits_per_weight": 8.0, "size_fraction": 0.3, "size_bytes": 300.0, "weights_kept": 1.0,
-     "channels_open": 12.0, "val_acc": 0.5},
-    {"epoch": 1, "bits_per_weight": 4.0, "size_fraction": 0.2, "size_bytes": 200.0, "weights_kept": 0.8,
-     "channels_open": 9.0, "val_acc": 0.7},
+    {
+        "epoch": 0,
+        "bits_per_weight": 8.0,
+        "size_fraction": 0.3,
+        "size_bytes": 300.0,
+        "weights_kept": 1.0,
+        "channels_open": 12.0,
+        "val_acc": 0.5,
+    },
+    {
+        "epoch": 1,
+        "bits_per_weight": 4.0,
+        "size_fraction": 0.2,
+        "size_bytes": 200.0,
+        "weights_kept": 0.8,
+        "channels_open": 9.0,
+        "val_acc": 0.7,
+    },
 ]
 
 
-def test_figures_are_those_of_exact_size() -> None:
+def test_figures_are_those_of_the_packed_file(tmp_path) -> None:
     model = prepared(CLOSING)
-    size = exact_size(model, build_graph(model, INPUTS))
+    compact, removal = finalize(model, INPUTS, return_report=True)
+    # closed and silent (after relu of a negative bias, or a zeroed batch norm); channel 1 of "0" is not
+    assert removal.removed == {"0": [0], "2": [2]}
     found = report(model, INPUTS)
-    assert found.total_bytes == size.total_bytes
-    assert found.fp32_bytes * 8 == size.fp32_bits
-    assert found.fraction_of_fp32 == pytest.approx(size.fraction_of_fp32)
-    assert found.bits_per_weight == pytest.approx(size.bits_per_weight)
-    assert found.other_bytes == (size.other_bits + 7) // 8 > 0  # the batch norm
     assert [row.name for row in found.layers] == ["0.weight", "2.weight", "5.weight"]
-    for row, layer in zip(found.layers, size.layers, strict=True):
-        assert (row.channels_open, row.channels_total) == (layer.channels_open, layer.channels_total)
-        assert (row.weights_kept, row.weights_total) == (layer.weights_kept, layer.weights_total)
-        assert row.bytes == (layer.bits + 7) // 8
-        assert row.share == pytest.approx(layer.bits / size.total_bits)
-    assert found.layers[0].channels_open == 3 and found.layers[1].channels_open == 3
-    other_share = found.other_bytes * 8 / size.total_bits
+    state = compact.state_dict()
+    for row in found.layers:
+        weight = state[row.name]
+        assert (row.channels_total, row.weights_total, row.weights_kept) == (weight.shape[0],) + (weight.numel(),) * 2
+    assert [row.channels_open for row in found.layers] == [3, 3, 3]
+    assert found.fp32_bytes == 4 * sum(p.numel() for p in compact.parameters())
+    assert found.other_bytes == 4 * 3 * 4 + 8  # the batch norm: 4 tensors of 3 floats and a counter
+    save(model, tmp_path / "net.sc", INPUTS)
+    size = os.path.getsize(tmp_path / "net.sc")
+    assert found.total_bytes <= size <= found.total_bytes + 4096
+    other_share = found.other_bytes / found.total_bytes
     assert sum(row.share for row in found.layers) + other_share == pytest.approx(1, abs=0.02)
 
 
-def test_channel_bits_are_code_widths_with_closed_channels_at_zero() -> None:
+def test_channel_bits_are_the_code_widths_of_the_compact_weights() -> None:
     model = prepared(CLOSING)
+    compact = finalize(model, INPUTS)
     found = report(model, INPUTS)
     first = model[0]
     q = first.parametrizations.weight[0]
     widths = code_bits(integer_codes(first.parametrizations.weight.original, q.bits, q.exponent)).tolist()
-    assert found.layers[0].channel_bits[:2] == [0, 0]
-    assert found.layers[0].channel_bits[2:] == widths[2:]
+    assert found.layers[0].channel_bits == widths[1:]  # channel 0 was removed
+    assert found.layers[0].channel_bits[0] == 0  # closed, kept: its bias is not zero
     assert max(found.layers[0].channel_bits) == found.layers[0].max_bits
-    assert [len(row.channel_bits) for row in found.layers] == [5, 4, 3]
-    assert found.layers[1].channel_bits[2] == 0
+    assert [len(row.channel_bits) for row in found.layers] == [4, 3, 3]
+    assert report(compact).to_dict() == found.to_dict()
 
 
 def test_inputs_default_to_recorded_ones_and_are_required_otherwise() -> None:
@@ -79,9 +96,11 @@ def test_inputs_default_to_recorded_ones_and_are_required_otherwise() -> None:
     assert report(model).total_bytes == report(model, INPUTS).total_bytes
 
 
-def test_an_unprepared_model_is_refused() -> None:
+def test_an_untrained_plain_model_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32))
     with pytest.raises(ValueError, match="prepare"):
-        report(chain(), INPUTS)
+        report(model, INPUTS)
 
 
 def test_to_dict_is_flat_plain_numbers() -> None:
@@ -99,7 +118,7 @@ def test_table_names_every_layer_and_the_total() -> None:
     text = str(found)
     for name in ("0.weight", "2.weight", "5.weight", "other tensors", "total"):
         assert name in text
-    assert f"{found.total_bytes:,}" in text and "3/5" in text
+    assert f"{found.total_bytes:,}" in text and "9/10" in text
 
 
 def test_rich_rendering() -> None:
