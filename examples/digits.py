@@ -3,7 +3,7 @@
 Needs no download. Prints the size table and the test accuracy before and after
 compression::
 
-    python examples/digits.py --epochs 60 --gamma 0.05
+    python examples/digits.py --epochs 60 --gamma 0.06
 """
 
 from __future__ import annotations
@@ -95,13 +95,13 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def train(
-    epochs: int, gamma: float | None, seed: int = 0, width: int = 32
+    epochs: int, gamma: float | None, seed: int = 0, width: int = 32, **compress_kwargs
 ) -> tuple[Classifier, float, selfcompress.SelfCompress | None]:
-    """Train one classifier; ``gamma=None`` trains without compression."""
+    """Train one classifier; ``gamma=None`` trains without compression (``compress_kwargs`` go to the callback)."""
     pl.seed_everything(seed, verbose=False)
     train_loader, test_loader = digits_loaders(seed=seed)
     model = Classifier(digits_cnn(width))
-    callbacks = [selfcompress.SelfCompress(gamma=gamma)] if gamma is not None else []
+    callbacks = [selfcompress.SelfCompress(gamma=gamma, **compress_kwargs)] if gamma is not None else []
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -118,7 +118,7 @@ def train(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--gamma", type=float, default=0.05)
+    parser.add_argument("--gamma", type=float, default=0.06)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the compression report's PNG here")
     args = parser.parse_args()

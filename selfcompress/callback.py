@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -14,13 +16,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from selfcompress.batchnorm import ForwardInputs, batch_norms, detach_inputs, reestimate_batch_norm
+from selfcompress.checkpoint import accept_state_dict, plain_state_dict
 from selfcompress.finalize import silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
 from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
 from selfcompress.report import CompressionReport, channel_bits, from_size
 from selfcompress.size import ModelSize, exact_size, open_rows, penalty
-from selfcompress.surgery import keep_one_per_group, remove_channels, resize_to_state_dict, supported_channels
+from selfcompress.surgery import RemovalRecord, keep_one_per_group, remove_channels, supported_channels
 from selfcompress.targets import parse_target_size, update_gamma
 
 METRIC_PREFIX = "selfcompress/"
@@ -56,7 +60,10 @@ class SelfCompress(Callback):
         initial_bits: Starting bit depth of every channel.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
-        eps: Adam epsilon for both; large on purpose, so that bit depths move steadily.
+        eps: Adam epsilon of the bit depths, large on purpose so that they move steadily. Their
+            gradients are measured in units of the average channel's size gradient
+            (``d penalty / d bits`` averaged over the channels at the first step), so the same
+            ``eps`` and ``gamma`` act alike on a network of any size. Exponents use 1e-3.
         exclude_names: Module names (``fnmatch`` patterns) to leave uncompressed.
         exclude_types: Module classes to leave uncompressed.
         output_min_bits: Floor on the bit depth of layers writing the model's outputs,
@@ -68,6 +75,13 @@ class SelfCompress(Callback):
             masked until :func:`~selfcompress.finalize`. Under multi-process strategies
             (DDP) channels are masked only.
         print_report: Print the compression report once at the end of ``fit`` (rank 0).
+        bn_batches: Batch-norm running statistics are re-estimated with the current
+            quantized weights, on the network's inputs of the last ``bn_batches`` training
+            batches of the epoch, before every validation during ``fit``, at each epoch's
+            end (before checkpoints are written) and at the end of training, so that the
+            model in eval mode is the model that trained. The inputs are kept as references
+            (no copies); dropout runs as in training, on a forked random state. ``0`` turns
+            this off.
 
     Raises:
         ValueError: An argument out of range (at construction), or a model with nothing to
@@ -83,13 +97,14 @@ class SelfCompress(Callback):
         initial_bits: float = 8.0,
         bits_lr: float = 0.1,
         exponent_lr: float = 0.05,
-        eps: float = 1e-3,
+        eps: float = 0.1,
         exclude_names: Sequence[str] = (),
         exclude_types: Iterable[type[nn.Module]] = (),
         output_min_bits: float = 2.0,
         ramp_steps: int = 100,
         shrink_every: int | Literal["epoch"] | None = "epoch",
         print_report: bool = True,
+        bn_batches: int = 16,
     ) -> None:
         if gamma is not None and target_size is not None:
             raise ValueError(
@@ -112,6 +127,8 @@ class SelfCompress(Callback):
             shrink_every is None or shrink_every == "epoch" or (isinstance(shrink_every, int) and shrink_every >= 1)
         ):
             raise ValueError(f"`shrink_every` must be 'epoch', an int >= 1 or None, got {shrink_every!r}.")
+        if not (isinstance(bn_batches, int) and not isinstance(bn_batches, bool) and bn_batches >= 0):
+            raise ValueError(f"`bn_batches` must be an int >= 0 (0 turns re-estimation off), got {bn_batches!r}.")
         if isinstance(exclude_names, str):
             raise ValueError(f"`exclude_names` must be a sequence of names, got the string {exclude_names!r}.")
         self.gamma = float(gamma)
@@ -140,6 +157,17 @@ class SelfCompress(Callback):
         self._above_target = True
         self._shrinking = False
         self._resize_hook = None
+        self._module: pl.LightningModule | None = None
+        self._bits_grad_scale: float | None = None
+        self._removed: RemovalRecord = {}  # what shrinking removed, by state-dict name in the LightningModule
+        self.bn_batches = bn_batches
+        # Recent training inputs of the module replayed for batch norms (of every module in the first batch).
+        self._recent_inputs: dict[nn.Module, deque[ForwardInputs]] = {}
+        self._input_hooks: list[Any] = []
+        self._watched: nn.Module | None = None  # the module whose inputs are replayed; None: not chosen yet
+        self._nothing_to_watch = False
+        self._recording_inputs = False
+        self._bn_step: int | None = None
 
     @property
     def graph(self) -> ChannelGraph | None:
@@ -167,10 +195,13 @@ class SelfCompress(Callback):
                 "SelfCompress cannot change the shapes of a `torch.compile`d model while it trains: "
                 "pass `shrink_every=None` (closed channels stay masked until `selfcompress.finalize`)."
             )
+        self._module = pl_module
         if self._resize_hook is None:
-            # A checkpoint written after shrinking holds smaller tensors: resize before loading.
+            # Plain state dicts (checkpoints hold one) and shrunken ones: fit the model to them before loading.
             self._resize_hook = pl_module.register_load_state_dict_pre_hook(
-                lambda module, state_dict, prefix, *args: resize_to_state_dict(module, state_dict, prefix)
+                lambda module, state_dict, prefix, *args: accept_state_dict(
+                    module, state_dict, prefix, self.initial_bits
+                )
             )
 
     @override
@@ -190,7 +221,7 @@ class SelfCompress(Callback):
         self._optimizer = torch.optim.Adam(
             [
                 {"params": [t.quantizer.bits for t in self._tensors], "lr": self.bits_lr},
-                {"params": [t.quantizer.exponent for t in self._tensors], "lr": self.exponent_lr},
+                {"params": [t.quantizer.exponent for t in self._tensors], "lr": self.exponent_lr, "eps": 1e-3},
             ],
             eps=self.eps,
             weight_decay=0.0,
@@ -203,6 +234,7 @@ class SelfCompress(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._recording_inputs = False  # the forward passes of this batch are over
         if self._optimizer is None or optimizer is not trainer.optimizers[0]:
             return
         self._ensure_graph(pl_module)
@@ -215,6 +247,9 @@ class SelfCompress(Callback):
             size_gradient = torch.autograd.grad(self.gamma * self.penalty(), bits)
             for param, grad in zip(bits, size_gradient, strict=True):
                 param.grad = grad if param.grad is None else param.grad + grad
+        for param in bits:
+            if param.grad is not None:
+                param.grad.mul_(self._bits_grad_scale)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         protect_outputs(self._tensors, self._graph, self.output_min_bits)
@@ -237,11 +272,13 @@ class SelfCompress(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_watching_inputs()
         if self.print_report and self._graph is not None and trainer.is_global_zero:
             print(self.report())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reestimate_batch_norm(trainer)  # before ModelCheckpoint / EarlyStopping, which run last
         if self._graph is None:
             return
         if self.shrink_every == "epoch":
@@ -254,6 +291,80 @@ class SelfCompress(Callback):
         for name, value in figures.items():
             pl_module.log(METRIC_PREFIX + name, value, prog_bar=name in ("bits_per_weight", "size_fraction"))
         self.history.append({"epoch": trainer.current_epoch, **figures})
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for recent in self._recent_inputs.values():
+            recent.clear()  # statistics come from this epoch's batches only (and resume exactly)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.bn_batches:
+            self._watch_inputs(pl_module)
+            self._recording_inputs = True
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._reestimate_batch_norm(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reestimate_batch_norm(trainer)  # for `trainer.test` and whatever runs after fit
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_watching_inputs()
+
+    def _watch_inputs(self, pl_module: pl.LightningModule) -> None:
+        """Record forward inputs in training: of every module in the first batch, then of the one replayed."""
+        self._choose_watched(pl_module)
+        if self._input_hooks or self._nothing_to_watch:
+            return
+        modules = [self._watched] if self._watched is not None else list(pl_module.modules())
+        self._recent_inputs = {m: self._recent_inputs.get(m, deque(maxlen=self.bn_batches)) for m in modules}
+        self._input_hooks = [m.register_forward_pre_hook(self._remember_inputs, with_kwargs=True) for m in modules]
+
+    def _choose_watched(self, pl_module: pl.LightningModule) -> None:
+        """After the first batch: keep the outermost module called in training that runs every batch norm."""
+        if self._watched is not None or not any(self._recent_inputs.values()):
+            return
+        wanted = set(batch_norms(self._traced if self._traced is not None else pl_module))
+        found = next(
+            (m for m in pl_module.modules() if self._recent_inputs.get(m) and wanted <= set(batch_norms(m))), None
+        )
+        recent = self._recent_inputs.get(found)
+        self._stop_watching_inputs()
+        if wanted and found is None:
+            rank_zero_warn(
+                "SelfCompress found no module whose forward runs every batch norm in training, so their running "
+                "statistics are not re-estimated for the quantized weights. `bn_batches=0` silences this."
+            )
+        self._watched, self._nothing_to_watch = found, found is None or not wanted
+        self._recent_inputs = {found: recent} if found is not None else {}
+
+    def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Lightning's DDP wrapper points a module's forward at training_step: not replayable inputs.
+        if self._recording_inputs and module.training and torch.is_grad_enabled() and "forward" not in vars(module):
+            self._recent_inputs[module].append(detach_inputs((args, kwargs)))
+
+    def _stop_watching_inputs(self) -> None:
+        for handle in self._input_hooks:
+            handle.remove()
+        self._input_hooks, self._recent_inputs, self._recording_inputs = [], {}, False
+        self._watched, self._nothing_to_watch = None, False
+
+    def _reestimate_batch_norm(self, trainer: pl.Trainer) -> None:
+        """Batch-norm statistics for the current weights, unless no step was taken since the last time."""
+        self._choose_watched(trainer.lightning_module)
+        recent = self._recent_inputs.get(self._watched) if self._watched is not None else None
+        if not recent or self._bn_step == trainer.global_step:
+            return
+        with trainer.precision_plugin.forward_context():
+            reestimate_batch_norm(self._watched, list(recent))
+        self._bn_step = trainer.global_step
 
     def _target_bits(self, size: ModelSize) -> int:
         return parse_target_size(self.target_size, size.fp32_bits, size.weights_total)
@@ -307,9 +418,30 @@ class SelfCompress(Callback):
         ready = keep_one_per_group(ready, graph)
         if not ready.any():
             return 0
-        removed = remove_channels(self._traced, graph, ready, [*optimizers, self._optimizer])
+        prefix = next((f"{name}." for name, m in self._module.named_modules() if m is self._traced and name), "")
+        optimizers = [*optimizers, self._optimizer]
+        removed = remove_channels(self._traced, graph, ready, optimizers, record=self._removed, prefix=prefix)
         self._graph = build_graph(self._traced, self._inputs)
         return removed
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The exact training form goes aside; "state_dict" becomes what a freshly built module loads.
+        checkpoint["selfcompress"] = {"state_dict": checkpoint["state_dict"], "removed": copy.deepcopy(self._removed)}
+        checkpoint["state_dict"] = plain_state_dict(pl_module, self._removed, checkpoint["state_dict"])
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        saved = checkpoint.get("selfcompress")
+        if saved is not None:  # else a plain checkpoint: loaded already, quantizers fitted to its weights
+            pl_module.load_state_dict(saved["state_dict"], strict=pl_module.strict_loading)
+        self._removed = copy.deepcopy(saved["removed"]) if saved is not None else {}
+        if self._traced is not None:  # the model may have changed shape: the groups follow
+            self._graph = build_graph(self._traced, self._inputs)
 
     def _ensure_graph(self, pl_module: pl.LightningModule) -> None:
         if self._graph is not None:
@@ -327,6 +459,8 @@ class SelfCompress(Callback):
         if self._num_weights is None:
             size = exact_size(self._traced, self._graph)
             self._num_weights, self._fp32_bits = size.weights_total, size.fp32_bits
+        if self._bits_grad_scale is None:
+            self._bits_grad_scale = bits_gradient_scale(self._tensors, self.penalty())
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -337,6 +471,8 @@ class SelfCompress(Callback):
             "history": list(self.history),
             "gamma": self.gamma,
             "above_target": self._above_target,
+            "bits_grad_scale": self._bits_grad_scale,
+            "removed": copy.deepcopy(self._removed),
         }
 
     @override
@@ -349,6 +485,22 @@ class SelfCompress(Callback):
             self._above_target = bool(state_dict.get("above_target", True))
         if state_dict["optimizer"] is not None:
             self._pending_state = {"optimizer": state_dict["optimizer"]}
+        self._removed = copy.deepcopy(state_dict.get("removed", {}))
+        self._bits_grad_scale = state_dict.get("bits_grad_scale")
+
+
+def bits_gradient_scale(tensors: list[QuantizedTensor], size_penalty: torch.Tensor) -> float:
+    """One over the mean gradient of the size penalty with respect to each channel's bit depth.
+
+    The penalty is in bits per original weight, so a channel's share of it (and its
+    gradient) shrinks as the network grows; against Adam's epsilon that would make large
+    networks compress ever more slowly. Multiplied by this scale, the average channel's
+    size gradient is ``gamma`` whatever the network's size.
+    """
+    bits = [t.quantizer.bits for t in tensors]
+    grads = torch.autograd.grad(size_penalty, bits)
+    mean = float(torch.cat([g.flatten() for g in grads]).mean())
+    return 1.0 / mean if mean > 0 else 1.0
 
 
 def size_figures(size: ModelSize) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,11 @@ from selfcompress.graph import ChannelGraph
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SLICEABLE = (nn.Linear, *_CONV, _BatchNorm)
+
+#: What the surgery removed, by state-dict name: ``{"shape": original shape, "kept": per dim,
+#: the original indices still present (``None`` for a dim never sliced)}``. Plain lists and
+#: ints, so that it travels in checkpoints loaded with ``weights_only=True``.
+RemovalRecord = dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -59,12 +65,29 @@ def supported_channels(model: nn.Module, graph: ChannelGraph) -> Tensor:
 
 @torch.no_grad()
 def remove_channels(
-    model: nn.Module, graph: ChannelGraph, channels: Tensor, optimizers: Iterable[torch.optim.Optimizer] = ()
+    model: nn.Module,
+    graph: ChannelGraph,
+    channels: Tensor,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    record: RemovalRecord | None = None,
+    prefix: str = "",
 ) -> int:
     """Remove the global ``channels`` (a boolean mask) from every tensor that refers to them.
 
     ``graph`` must describe ``model`` as it is now; it no longer does afterwards.
-    Returns the number of channels removed.
+
+    Args:
+        model: The model to shrink, in place.
+        graph: Its channel groups.
+        channels: Boolean mask over the global channels of ``graph``.
+        optimizers: Optimizers whose references and per-parameter state follow the slices.
+        record: Updated in place with every tensor sliced, under ``prefix`` + its state-dict
+            name in ``model`` (see :data:`RemovalRecord`), so that the original shapes can be
+            restored with zeros later.
+        prefix: Prepended to the names in ``record`` (``model``'s name in a larger module).
+
+    Returns:
+        The number of channels removed.
     """
     cuts: dict[str, _Cut] = {}
     for name, producer in graph.producers.items():
@@ -80,28 +103,50 @@ def remove_channels(
     optimizers = list(optimizers)
     for name, cut in cuts.items():
         if cut.out or cut.into:
-            _cut_module(modules[name], cut, optimizers)
+            for key, shape, dim, keep in _cut_module(modules[name], cut, optimizers):
+                if record is not None:
+                    note_slice(record, f"{prefix}{name}.{key}" if name else f"{prefix}{key}", shape, dim, keep)
     return int(channels.sum())
 
 
-def _cut_module(module: nn.Module, cut: _Cut, optimizers: list[torch.optim.Optimizer]) -> None:
+def note_slice(record: RemovalRecord, key: str, shape: torch.Size, dim: int, keep: Tensor) -> None:
+    """Add to ``record`` that tensor ``key``, of shape ``shape``, kept positions ``keep`` along ``dim``."""
+    entry = record.setdefault(key, {"shape": list(shape), "kept": [None] * len(shape)})
+    positions = keep.tolist()
+    before = entry["kept"][dim]
+    entry["kept"][dim] = positions if before is None else [before[i] for i in positions]
+
+
+def _cut_module(
+    module: nn.Module, cut: _Cut, optimizers: list[torch.optim.Optimizer]
+) -> list[tuple[str, torch.Size, int, Tensor]]:
+    """Slice one module; returns ``(state-dict name in module, shape before, dim, kept)`` per slice."""
+    done = []
+
+    def cut_tensor(owner: nn.Module, key: str, dim: int, keep: Tensor) -> None:
+        name = key.rpartition(".")[2]
+        shape = _slice(owner, name, dim, keep, optimizers)
+        if shape is not None:
+            done.append((key, shape, dim, keep))
+
     if isinstance(module, _BatchNorm):
         keep = _keep(module.num_features, cut.out)
         for name in ("weight", "bias", "running_mean", "running_var"):
-            _slice(module, name, 0, keep, optimizers)
+            cut_tensor(module, name, 0, keep)
         module.num_features = len(keep)
-        return
+        return done
     weight_owner, weight_name = _weight_owner(module)
+    weight_key = "parametrizations.weight.original" if weight_owner is not module else "weight"
     out_size = getattr(weight_owner, weight_name).shape[0]
     depthwise = isinstance(module, _CONV) and module.groups == module.in_channels == module.out_channels > 1
     if cut.out:
         keep = _keep(out_size, cut.out)
-        _slice(weight_owner, weight_name, 0, keep, optimizers)
-        _slice(module, "bias", 0, keep, optimizers)
+        cut_tensor(weight_owner, weight_key, 0, keep)
+        cut_tensor(module, "bias", 0, keep)
         if parametrize.is_parametrized(module, "weight"):
-            for quantizer in module.parametrizations.weight:
+            for index, quantizer in enumerate(module.parametrizations.weight):
                 for name in [*quantizer._parameters, *quantizer._buffers]:
-                    _slice(quantizer, name, 0, keep, optimizers)
+                    cut_tensor(quantizer, f"parametrizations.weight.{index}.{name}", 0, keep)
         if isinstance(module, nn.Linear):
             module.out_features = len(keep)
         else:
@@ -110,11 +155,12 @@ def _cut_module(module: nn.Module, cut: _Cut, optimizers: list[torch.optim.Optim
                 module.in_channels = module.groups = len(keep)
     if cut.into and not depthwise:
         keep = _keep(getattr(weight_owner, weight_name).shape[1], cut.into)
-        _slice(weight_owner, weight_name, 1, keep, optimizers)
+        cut_tensor(weight_owner, weight_key, 1, keep)
         if isinstance(module, nn.Linear):
             module.in_features = len(keep)
         else:
             module.in_channels = len(keep)
+    return done
 
 
 def _weight(module: nn.Module) -> nn.Parameter:
@@ -133,15 +179,21 @@ def _keep(size: int, drop: set[int]) -> Tensor:
     return torch.tensor([i for i in range(size) if i not in drop], dtype=torch.int64)
 
 
-def _slice(owner: nn.Module, name: str, dim: int, keep: Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Keep ``keep`` along ``dim`` of ``owner.name``, of its optimizer state, in every optimizer."""
+def _slice(
+    owner: nn.Module, name: str, dim: int, keep: Tensor, optimizers: list[torch.optim.Optimizer]
+) -> torch.Size | None:
+    """Keep ``keep`` along ``dim`` of ``owner.name``, of its optimizer state, in every optimizer.
+
+    Returns the tensor's shape before slicing, or None when ``owner`` has no such tensor.
+    """
     tensor = getattr(owner, name)
     if tensor is None:
-        return
+        return None
+    shape = tensor.shape
     keep = keep.to(tensor.device)
     if name in owner._buffers:
         owner._buffers[name] = tensor.index_select(dim, keep)
-        return
+        return shape
     sliced = nn.Parameter(tensor.detach().index_select(dim, keep), requires_grad=tensor.requires_grad)
     owner._parameters[name] = sliced
     for optimizer in optimizers:
@@ -155,6 +207,7 @@ def _slice(owner: nn.Module, name: str, dim: int, keep: Tensor, optimizers: list
                 else value
                 for key, value in state.items()
             }
+    return shape
 
 
 @torch.no_grad()

@@ -79,8 +79,9 @@ def test_resume_after_shrinking_equals_the_uninterrupted_run(tmp_path) -> None:
     pl.seed_everything(0, verbose=False)
     first = Classifier(small_cnn(dropout=0.0))
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    tiny_trainer(3, callbacks=[SelfCompress(gamma=1.0, bits_lr=1.0, ramp_steps=2), checkpoint],
-                 enable_checkpointing=True).fit(first, random_loader())
+    tiny_trainer(
+        3, callbacks=[SelfCompress(gamma=1.0, bits_lr=1.0, ramp_steps=2), checkpoint], enable_checkpointing=True
+    ).fit(first, random_loader())
     assert parameter_count(first) < parameter_count(Classifier(small_cnn()))
 
     resumed = Classifier(small_cnn(dropout=0.0))  # freshly built: full size

@@ -1,0 +1,133 @@
+"""Eval-mode accuracy during a compressed fit against the same model with re-estimated batch norms.
+
+At every epoch end (after the callback's own hooks) the test accuracy of the model in eval
+mode is compared with that of a copy whose batch-norm statistics are re-estimated on the
+whole training set with the current weights. With ``bn_batches=0`` (no re-estimation) the
+gap is what a validation loop or a checkpoint would have seen.
+
+    python benchmarks/bench_bn.py --nets digits resnet9 mobilenetv2 --bn-batches 0 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from common import header  # noqa: E402
+from digits import Classifier, accuracy, digits_cnn, digits_loaders  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import selfcompress  # noqa: E402
+from selfcompress.batchnorm import reestimate_batch_norm  # noqa: E402
+from tests.models import MobileNetV2, ResNet9  # noqa: E402
+
+#: name -> (network factory, input channels, epochs, gamma)
+NETS = {
+    "digits": (lambda: digits_cnn(32), 1, 60, 0.06),
+    "resnet9": (lambda: ResNet9(), 3, 20, 0.1),
+    "mobilenetv2": (lambda: MobileNetV2(), 3, 20, 0.1),
+}
+
+
+def loaders(channels: int, seed: int) -> tuple[DataLoader, DataLoader]:
+    """The digits loaders, with the image repeated over ``channels``."""
+    train, test = digits_loaders(seed=seed)
+    if channels == 1:
+        return train, test
+
+    def widen(dataset: TensorDataset) -> TensorDataset:
+        x, y = dataset.tensors
+        return TensorDataset(x.expand(-1, channels, -1, -1).contiguous(), y)
+
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        DataLoader(widen(train.dataset), batch_size=train.batch_size, shuffle=True, generator=generator),
+        DataLoader(widen(test.dataset), batch_size=test.batch_size),
+    )
+
+
+class EvalVersusReestimated(pl.Callback):
+    """At each epoch end: eval accuracy of the model as it is, and of a copy with re-estimated batch norms."""
+
+    def __init__(self, train: DataLoader, test: DataLoader, compress: selfcompress.SelfCompress) -> None:
+        # Its own unshuffled loader: drawing from the training loader's generator would change the run.
+        self.train = DataLoader(train.dataset, batch_size=train.batch_size)
+        self.test, self.compress = test, compress
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = pl_module.net
+        was_training = net.training
+        with torch.random.fork_rng(devices=[]):
+            eval_acc = accuracy(net, self.test)
+            twin = copy.deepcopy(net)
+            reestimate_batch_norm(twin, [((x,), {}) for x, _ in self.train])
+            twin_acc = accuracy(twin, self.test)
+        net.train(was_training)
+        size = self.compress.size().fraction_of_fp32 if self.compress.graph is not None else 1.0
+        self.rows.append(dict(epoch=trainer.current_epoch, size=size, eval=eval_acc, twin=twin_acc))
+
+
+def run(name: str, bn_batches: int, seed: int, epochs: int | None = None) -> list[dict[str, float]]:
+    factory, channels, default_epochs, gamma = NETS[name]
+    epochs = epochs or default_epochs
+    pl.seed_everything(seed, verbose=False)
+    train, test = loaders(channels, seed)
+    model = Classifier(factory())
+    compress = selfcompress.SelfCompress(gamma=gamma, bn_batches=bn_batches, print_report=False)
+    probe = EvalVersusReestimated(train, test, compress)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[compress, probe],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(model, train)
+    return probe.rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--bn-batches", nargs="+", type=int, default=[0, 16])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="instead of each network's default")
+    parser.add_argument("--smoke", action="store_true", help="one epoch, to check the script runs")
+    args = parser.parse_args(argv)
+    epochs = 1 if args.smoke else args.epochs
+    print(header())
+    results = {}
+    for name in args.nets:
+        for bn_batches in args.bn_batches:
+            start = time.perf_counter()
+            rows = results[f"{name}/{bn_batches}"] = run(name, bn_batches, args.seed, epochs)
+            gamma = NETS[name][3]
+            print(
+                f"\n{name}, gamma {gamma}, bn_batches {bn_batches}, seed {args.seed} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+            print(f"{'epoch':>5} {'size':>7} {'eval acc':>9} {'re-est.':>8} {'gap':>6}")
+            for r in rows:
+                print(
+                    f"{r['epoch']:>5} {r['size']:>7.2%} {r['eval']:>9.2%} {r['twin']:>8.2%} "
+                    f"{100 * (r['eval'] - r['twin']):>+6.2f}"
+                )
+            gaps = [abs(r["eval"] - r["twin"]) for r in rows]
+            print(f"max |gap| {100 * max(gaps):.2f} points; final eval {rows[-1]['eval']:.2%}")
+            sys.stdout.flush()
+    return results
+
+
+if __name__ == "__main__":
+    main()

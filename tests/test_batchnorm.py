@@ -1,0 +1,176 @@
+import copy
+import importlib.util
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from selfcompress import SelfCompress
+from selfcompress.batchnorm import batch_norms, reestimate_batch_norm
+from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
+
+#: Eval outputs of the trained model against its re-estimated twin: relative to the output scale.
+TOLERANCE = 1e-5
+
+
+def fit(callback: SelfCompress, epochs: int = 3, dropout: float = 0.1, **kwargs):
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(small_cnn(dropout=dropout))
+    trainer = tiny_trainer(epochs, callbacks=[callback], **kwargs)
+    trainer.fit(model, random_loader())
+    return model, trainer
+
+
+def eval_outputs(net: nn.Module) -> torch.Tensor:
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([net(x) for x, _ in random_loader()])
+
+
+def reestimated_twin(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with batch-norm statistics re-estimated on all training batches."""
+    twin = copy.deepcopy(net)
+    reestimate_batch_norm(twin, [((x,), {}) for x, _ in random_loader()])
+    return twin
+
+
+def relative_gap(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+class Scaled(nn.Module):
+    """Conv -> BN -> dropout -> Linear -> BN1d, with a keyword argument, to replay ``(args, kwargs)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+        self.drop, self.fc, self.norm1d = nn.Dropout(0.5), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, momentum=0.3)
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.norm1d(self.fc(self.drop(self.norm(self.conv(x * scale))).flatten(1)))
+
+
+def test_reestimation_gives_the_batch_statistics_and_leaves_the_random_state_alone() -> None:
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    model.drop.train()  # a submodule mode of the user's own: kept
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    inputs = [((x,), {"scale": 2.0}) for x in batches]
+    torch.manual_seed(1)
+    expected_next = torch.rand(5)
+    torch.manual_seed(1)
+    assert reestimate_batch_norm(model, inputs)
+    assert torch.equal(torch.rand(5), expected_next)  # training randomness untouched
+
+    with torch.no_grad():
+        features = [model.conv(2.0 * x) for x in batches]
+    expected_mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in features]).mean(0)
+    expected_var = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in features]).mean(0)
+    torch.testing.assert_close(model.norm.running_mean, expected_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.norm.running_var, expected_var, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(model.norm1d.running_mean, torch.zeros(5))
+    # Modes, momenta and counters as before.
+    assert not model.training and not model.norm.training and model.drop.training
+    assert model.norm.momentum == 0.1 and model.norm1d.momentum == 0.3
+    assert all(int(norm.num_batches_tracked) == 0 for norm in batch_norms(model))
+    assert not reestimate_batch_norm(model, [])
+
+
+def test_eval_model_is_the_model_that_trained() -> None:
+    # Fast-falling bit depths: the running averages of a plain fit lag far behind the weights.
+    model, _ = fit(SelfCompress(gamma=0.5, bits_lr=0.5))
+    gap = relative_gap(eval_outputs(model.net), eval_outputs(reestimated_twin(model.net)))
+    assert gap <= TOLERANCE
+
+
+def test_without_reestimation_the_eval_model_is_stale() -> None:
+    # The same fit with re-estimation off: what the previous test guards against.
+    model, _ = fit(SelfCompress(gamma=0.5, bits_lr=0.5, bn_batches=0))
+    gap = relative_gap(eval_outputs(model.net), eval_outputs(reestimated_twin(model.net)))
+    assert gap > 0.05
+
+
+def test_reestimation_does_not_change_training() -> None:
+    # With dropout: the re-estimation pass must not move the random state the training draws from.
+    on, _ = fit(SelfCompress(gamma=0.5, bn_batches=8))
+    off, _ = fit(SelfCompress(gamma=0.5, bn_batches=0))
+    for (name, actual), expected in zip(on.named_parameters(), off.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
+
+
+class Validated(Classifier):
+    """Keeps the eval outputs its validation loop saw at the last epoch, and the running statistics of each."""
+
+    stats: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_start(self) -> None:
+        self.seen = []
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.seen.append(logits)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+
+    def on_validation_epoch_end(self) -> None:
+        stats = {name: value.clone() for name, value in self.state_dict().items() if "running_" in name}
+        self.stats = {**self.stats, self.current_epoch: stats}
+
+
+def test_validation_and_checkpoints_see_the_reestimated_model(tmp_path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, filename="{epoch}")
+    model = Validated(small_cnn())
+    loader = random_loader()
+    pl.seed_everything(0, verbose=False)
+    trainer = tiny_trainer(3, callbacks=[SelfCompress(gamma=0.5, bits_lr=0.5), checkpoint], enable_checkpointing=True)
+    trainer.fit(model, loader, loader)
+    expected = eval_outputs(reestimated_twin(model.net))
+    assert relative_gap(torch.cat(model.seen), expected) <= TOLERANCE
+    # Checkpoints are written after validation (before the epoch-end shrinking): the same statistics.
+    for epoch in range(3):
+        saved = torch.load(tmp_path / f"epoch={epoch}.ckpt", weights_only=False)["state_dict"]
+        for name, value in model.stats[epoch].items():
+            torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+
+
+def test_resume_equals_the_uninterrupted_run_with_running_statistics(tmp_path) -> None:
+    # No dropout: Lightning checkpoints do not hold the global random state.
+    full, _ = fit(SelfCompress(gamma=0.5, ramp_steps=3), epochs=4, dropout=0.0)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    pl.seed_everything(0, verbose=False)
+    first = Classifier(small_cnn(dropout=0.0))
+    tiny_trainer(2, callbacks=[SelfCompress(gamma=0.5, ramp_steps=3), checkpoint], enable_checkpointing=True).fit(
+        first, random_loader()
+    )
+    pl.seed_everything(123, verbose=False)
+    resumed = Classifier(small_cnn(dropout=0.0))
+    tiny_trainer(4, callbacks=[SelfCompress(gamma=0.5, ramp_steps=3)]).fit(
+        resumed, random_loader(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    expected, actual = full.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    assert any("running_var" in key for key in expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("bn_batches", [-1, 1.5, True, "8", None])
+def test_bad_bn_batches_is_refused(bn_batches) -> None:
+    with pytest.raises(ValueError, match="`bn_batches` must be an int >= 0"):
+        SelfCompress(bn_batches=bn_batches)
+
+
+def test_benchmark_smoke(capsys) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_bn", Path(__file__).parent.parent / "benchmarks" / "bench_bn.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--smoke", "--nets", "digits", "--bn-batches", "8"])
+    (row,) = results["digits/8"]
+    assert abs(row["eval"] - row["twin"]) <= 0.01
+    assert "machine:" in capsys.readouterr().out
