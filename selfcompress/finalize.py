@@ -36,6 +36,9 @@ from selfcompress.quantize import code_bits, dequantize, integer_form
 
 log = logging.getLogger(__name__)
 
+#: Attribute marking a module returned by ``finalize`` or ``load``: no closed channel is left in it.
+COMPACT = "_selfcompress_compact"
+
 
 @dataclass
 class RemovalReport:
@@ -131,6 +134,13 @@ def compressed(
     module's weights are set to exactly ``dequantize(codes, scale)``. The compact module
     remembers ``inputs``, so it is itself a valid input later.
     """
+    if inputs is None and example_inputs(model) is None and getattr(model, COMPACT, False):
+        # Written by `load` (or `finalize`): nothing left to remove, so no forward call is needed.
+        plain = bake(_plain_copy(model))
+        layers = layer_codes(plain)
+        if layers:
+            mark_compact(plain)
+            return plain, RemovalReport(), layers
     with autograd_enabled():
         plain, inputs = plain_module(model, inputs)
         was_training = plain.training
@@ -158,7 +168,13 @@ def compressed(
     for root, reason in report.kept.items():
         log.info("finalize kept closed channels of '%s': %s", root, reason)
     set_example_inputs(plain, inputs)
+    mark_compact(plain)
     return plain, report, layers
+
+
+def mark_compact(module: nn.Module) -> None:
+    """Remember that ``module`` is already compact (a plain attribute: it survives copies and pickling)."""
+    module.__dict__[COMPACT] = True
 
 
 def plain_module(model: nn.Module, inputs: Any = None) -> tuple[nn.Module, ExampleInputs]:

@@ -1,0 +1,60 @@
+"""The README's journey, end to end, as a user takes it.
+
+Train with the defaults' shrinking and a ModelCheckpoint, pick the best checkpoint, load
+it into the user's class, finalize it, save it, load the file into a freshly built
+network, convert to bitsandbytes: each step is handed what the step before returned,
+under the grad mode a user would be in, and every step's outputs are checked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import selfcompress
+from tests.test_checkpoints import NETS, Module, Run, eval_outputs, fresh_channel_count
+
+
+@pytest.fixture(scope="module", params=["small_cnn", "resnet9"])
+def run(request, tmp_path_factory) -> Run:
+    return Run(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_best_checkpoint_to_bitsandbytes(run: Run, tmp_path) -> None:
+    assert sum(t.raw.shape[0] for t in selfcompress.quantized_tensors(run.model)) < fresh_channel_count(run.arch)
+    expected = run.outputs_at(run.best)
+    x = run.x[:2]
+
+    best = Module.load_from_checkpoint(run.best)
+    assert torch.equal(eval_outputs(best, run.x), expected)
+
+    with torch.inference_mode():
+        compact = selfcompress.finalize(best, inputs=x)
+    assert not torch.is_inference_mode_enabled()
+    assert (eval_outputs(compact, run.x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    path = tmp_path / "net.safetensors"
+    with torch.no_grad():
+        selfcompress.save(compact, path)
+    assert torch.is_grad_enabled()
+
+    fresh = selfcompress.load(path, NETS[run.arch][0]())
+    assert torch.equal(eval_outputs(fresh, run.x), eval_outputs(compact, run.x))
+
+    fast = selfcompress.to_bitsandbytes(fresh)
+    out = eval_outputs(fast, run.x)
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_every_form_writes_the_same_file(run: Run, tmp_path) -> None:
+    """The trained model, its last checkpoint loaded, and finalize's output: one file."""
+    last = Module.load_from_checkpoint(run.last)
+    x = run.x[:2]
+    files = []
+    for i, form in enumerate([run.model, run.model.net, last, selfcompress.finalize(last, inputs=x)]):
+        path = tmp_path / f"{i}.safetensors"
+        with torch.no_grad():
+            selfcompress.save(form, path, inputs=x)
+        files.append(path.read_bytes())
+    assert all(data == files[0] for data in files[1:])
