@@ -1,28 +1,40 @@
 """Saving a trained model as one packed safetensors file, and loading it back.
 
-The file is the compact module :func:`~selfcompress.finalize` returns: every weight in
-integer form (:func:`selfcompress.quantize.integer_form`) as its codes bit-packed at the
-width each row needs (:mod:`selfcompress.packing`), a float32 scale and a uint8 width per
-row; every other tensor (biases, batch-norm parameters and statistics, float weights) as
-it is. A JSON manifest in the safetensors metadata records the format version, each
-packed tensor's shape and dtype, the type and shape attributes of every module, and a
-SHA-256 of the tensors; it depends only on the compact module, so every input
-``finalize`` accepts gives the same bytes. (Version 1 also recorded the shapes before
-removal and the removed indices; :func:`load` reads both versions.)
+The file is the compact module :func:`~selfcompress.finalize` returns. Format version 3
+holds two uint8 tensors, so its header stays small whatever the number of layers:
 
-Loading never unpickles anything: safetensors and JSON only. Every problem with a file
-(truncated, corrupted, foreign, written by a newer version, or not matching the model)
-raises :class:`SelfCompressFormatError`, and the model is left untouched.
+- ``codes``: every weight in integer form (:func:`selfcompress.quantize.integer_form`),
+  layer after layer, bit-packed at the width each row needs (:mod:`selfcompress.packing`),
+  or the whole stream entropy-coded (:mod:`selfcompress.entropy`, ``save(...,
+  entropy_coding="lzma")``);
+- ``data``: the zlib-compressed JSON manifest, then every row's float32 scale, then every
+  other tensor (biases, batch-norm parameters and statistics, float weights) as it is
+  (compressed as a whole too in an entropy-coded file, where that makes it smaller).
+
+The safetensors metadata holds the format name and version, a SHA-256 of both tensors and
+the manifest's length. The manifest lists each module holding tensors with its type and,
+per tensor, its shape and dtype, plus one width digit per row for packed weights; the
+tensors follow in that order. It depends only on the compact module, so every input
+``finalize`` accepts gives the same bytes. Versions 1 and 2 (one safetensors entry per
+tensor, three per packed weight) still load.
+
+Loading never unpickles anything: safetensors, JSON and stdlib decompressors with an
+output bound only. The manifest is checked against the model before any code is decoded,
+and nothing decodes to more than the shapes allow. Every problem with a file (truncated,
+corrupted, foreign, written by a newer version, a decompression bomb, or not matching the
+model) raises :class:`SelfCompressFormatError`, and the model is left untouched.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +43,29 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from selfcompress.finalize import LayerCodes, RemovalReport, compressed
-from selfcompress.packing import pack_codes, unpack_codes
+from selfcompress.entropy import CODERS, compress, decode_codes, decompress, encode_codes
+from selfcompress.finalize import LayerCodes, RemovalReport, compressed, mark_compact
+from selfcompress.packing import pack_codes, packed_nbytes, unpack_codes
 from selfcompress.quantize import dequantize
 from selfcompress.surgery import resize_to_state_dict
 
 FORMAT_NAME = "selfcompress"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA_KEY = "selfcompress"
 _CODES, _SCALE, _WIDTH = "::codes", "::scale", "::width"
-
-#: Module attributes that channel removal may change, restored by :func:`load`.
-_SHAPE_ATTRS = (
-    "in_channels",
-    "out_channels",
-    "groups",
-    "in_features",
-    "out_features",
-    "num_features",
-    "num_parameters",
-)
 
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
+
+#: Dtypes of the tensors stored as they are (version 3).
+_STORED_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (*_DTYPES.values(), torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+}
+#: One character per row width in the manifest (0 to 16).
+_WIDTH_DIGITS = "0123456789abcdefg"
+_MAX_MANIFEST = 1 << 26  # bytes a manifest may inflate to
 
 
 class SelfCompressFormatError(ValueError):
@@ -76,7 +87,7 @@ def compressed_codes(model: nn.Module, inputs: Any = None) -> tuple[nn.Module, R
     return compressed(model, inputs)
 
 
-def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None) -> dict:
+def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entropy_coding: str | None = None) -> dict:
     """Write a trained model as one packed safetensors file.
 
     The file is that of the compact module :func:`~selfcompress.finalize` returns, so every
@@ -87,48 +98,92 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None) -> dict:
         model: Any model :func:`~selfcompress.finalize` accepts; not modified.
         path: Where to write; the file is replaced atomically.
         inputs: One forward call, as for :func:`~selfcompress.finalize`.
+        entropy_coding: ``None`` (default) stores the codes bit-packed at each channel's
+            width, so the file matches the exact size and the codes can be read in place;
+            ``"lzma"`` (smallest) or ``"zlib"`` codes them losslessly for the wire
+            (:mod:`selfcompress.entropy`), unless that would not make them smaller (the
+            manifest's ``coding`` says which). :func:`load` reads every form bit-exactly.
 
     Returns:
-        The manifest stored in the file's metadata.
+        The manifest stored in the file.
 
     Raises:
-        ValueError: As :func:`~selfcompress.finalize` (no compressed weights, no inputs).
+        ValueError: As :func:`~selfcompress.finalize` (no compressed weights, no inputs), or
+            an unknown ``entropy_coding``.
     """
+    if entropy_coding is not None and entropy_coding not in CODERS:
+        raise ValueError(f"`entropy_coding` must be None or one of {CODERS}, got {entropy_coding!r}.")
     compact, _, layers = compressed(model, inputs)
-    tensors: dict[str, Tensor] = {}
-    packed: dict[str, dict] = {}
-    for name, value in compact.state_dict().items():
+    groups: dict[str, list] = {}
+    codes, widths, scales, rest = [], [], [], []
+    # One order whatever form ``model`` came in: modules as they nest, each one's tensors by name.
+    order = {module_name: i for i, (module_name, _) in enumerate(compact.named_modules(remove_duplicate=False))}
+    state = compact.state_dict()
+    for name in sorted(state, key=lambda n: (order.get(n.rpartition(".")[0], len(order)), n.rpartition(".")[2])):
+        value = state[name]
+        module_name, _, attr = name.rpartition(".")
+        if module_name not in groups:
+            groups[module_name] = [module_name, type(compact.get_submodule(module_name)).__name__, {}]
+        entries = groups[module_name][2]
         layer = layers.get(name)
         if layer is None or layer.dtype not in _DTYPES.values():
-            tensors[name] = value.detach().cpu().contiguous()
+            value = value.detach().cpu().contiguous()
+            if _dtype_name(value.dtype) not in _STORED_DTYPES:
+                raise SelfCompressFormatError(f"cannot store '{name}': dtype {value.dtype} is not supported.")
+            entries[attr] = [list(value.shape), _dtype_name(value.dtype)]
+            rest.append(value.reshape(-1).view(torch.uint8))
             continue
-        packed[name] = {"shape": list(value.shape), "dtype": str(layer.dtype).removeprefix("torch.")}
-        tensors[name + _CODES] = pack_codes(layer.codes.reshape(layer.codes.shape[0], -1), layer.widths)
-        tensors[name + _SCALE] = layer.scale.contiguous()
-        tensors[name + _WIDTH] = layer.widths.to(torch.uint8)
-    modules = {}
-    for module_name, module in compact.named_modules():
-        attrs = {attr: getattr(module, attr) for attr in _SHAPE_ATTRS if isinstance(getattr(module, attr, None), int)}
-        if attrs:
-            modules[module_name] = [type(module).__name__, attrs]
-    manifest = {
+        widths.append(layer.widths.to(torch.int64).cpu())
+        digits = "".join(_WIDTH_DIGITS[w] for w in widths[-1].tolist())
+        entries[attr] = [list(value.shape), _dtype_name(layer.dtype), digits]
+        codes.append(layer.codes.reshape(layer.codes.shape[0], -1))
+        scales.append(layer.scale.detach().cpu().to(torch.float32).reshape(-1).view(torch.uint8))
+    stream, coding = _cat_bytes([pack_codes(c, w) for c, w in zip(codes, widths, strict=True)]), "none"
+    if entropy_coding is not None:
+        coded = encode_codes(codes, widths, entropy_coding)
+        if len(coded) < stream.numel():  # codes close to uniform do not shrink: they stay packed
+            stream, coding = _as_tensor(coded), entropy_coding
+    tail, tail_coding = _cat_bytes([*scales, *rest]), "none"
+    if entropy_coding is not None:  # scales are powers of two, closed channels' constants zero: worth coding too
+        coded_tail = compress(tail.numpy().tobytes(), entropy_coding)
+        if len(coded_tail) < tail.numel():
+            tail, tail_coding = _as_tensor(coded_tail), entropy_coding
+    body = {"coding": coding, "tail": tail_coding, "modules": list(groups.values())}
+    compressed_body = zlib.compress(_json(body), 9)
+    tensors = {"codes": stream, "data": _cat_bytes([_as_tensor(compressed_body), tail])}
+    head = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "sha256": _digest(tensors),
-        "packed": packed,
-        "modules": modules,
+        "manifest_bytes": len(compressed_body),
     }
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(manifest, separators=(",", ":"))})
+        safetensors.torch.save_file(tensors, tmp, metadata={METADATA_KEY: _json(head).decode()})
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return manifest
+    return {**head, **body}
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_tensor(data: bytes) -> Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def _cat_bytes(parts: list[Tensor]) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
@@ -183,11 +238,81 @@ def read_manifest(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
         raise SelfCompressFormatError(f"'{path}' is corrupted: {error}") from error
     if manifest.get("sha256") != _digest(stored):
         raise SelfCompressFormatError(f"'{path}' is corrupted: its tensors do not match the stored checksum.")
+    if version >= 3:
+        try:
+            size = manifest["manifest_bytes"]
+            data = stored["data"]
+            if not isinstance(size, int) or not 0 < size <= data.numel() or data.dtype != torch.uint8:
+                raise ValueError(f"manifest_bytes {size!r} does not fit the {data.numel()} bytes of data")
+            body = json.loads(_inflate(data[:size]))
+            if not isinstance(body, dict) or set(body) != {"coding", "tail", "modules"}:
+                raise ValueError("the manifest must hold exactly coding, tail and modules")
+        except (KeyError, ValueError, zlib.error, RuntimeError) as error:
+            raise SelfCompressFormatError(f"'{path}' has a corrupted selfcompress manifest: {error!r}") from error
+        manifest = {**manifest, **body}
     return manifest, stored
+
+
+def _inflate(data: Tensor) -> bytes:
+    """The zlib-compressed manifest, at most ``_MAX_MANIFEST`` bytes."""
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise ValueError(f"the manifest must be a 1-D uint8 tensor, got {data.dtype} of shape {tuple(data.shape)}")
+    decoder = zlib.decompressobj()
+    text = decoder.decompress(data.numpy().tobytes(), _MAX_MANIFEST + 1)
+    if len(text) > _MAX_MANIFEST or not decoder.eof or decoder.unused_data:
+        raise ValueError(f"the manifest is not one zlib stream of at most {_MAX_MANIFEST} bytes")
+    return text
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise ValueError(f"a shape must be a list of integers >= 0, got {value!r}")
+    return tuple(value)
+
+
+def _file_shapes(manifest: dict, stored: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape as the file declares it, before anything is decoded."""
+    if manifest["version"] < 3:
+        packed = manifest["packed"]
+        if not isinstance(packed, dict):
+            raise TypeError("`packed` must be a mapping")
+        shapes = {name: _shape(entry["shape"]) for name, entry in packed.items()}
+        shapes.update({name: tuple(value.shape) for name, value in stored.items() if "::" not in name})
+        return shapes
+    return {entry[0]: entry[2] for entry in _entries(manifest)}
+
+
+def _entries(manifest: dict) -> list[tuple[str, str, tuple[int, ...], str, str | None]]:
+    """``(name, module type, shape, dtype, width digits or None)`` of every tensor of a version 3 file, in order."""
+    modules = manifest["modules"]
+    if not isinstance(modules, list):
+        raise TypeError("`modules` must be a list")
+    found = []
+    for group in modules:
+        if not (
+            isinstance(group, list) and len(group) == 3 and isinstance(group[0], str) and isinstance(group[1], str)
+        ):
+            raise TypeError(f"a module entry must be [name, type, tensors], got {str(group)[:80]}")
+        module_name, type_name, tensors = group
+        if not isinstance(tensors, dict):
+            raise TypeError(f"the tensors of module '{module_name}' must be a mapping")
+        for attr, spec in tensors.items():
+            name = f"{module_name}.{attr}" if module_name else attr
+            if not (isinstance(spec, list) and len(spec) in (2, 3) and isinstance(spec[1], str)):
+                raise TypeError(f"'{name}' must be [shape, dtype] or [shape, dtype, widths], got {str(spec)[:80]}")
+            if spec[1] not in (_DTYPES if len(spec) == 3 else _STORED_DTYPES):
+                raise ValueError(f"'{name}' has dtype {spec[1]!r}, not one a file may hold")
+            found.append((name, type_name, _shape(spec[0]), spec[1], spec[2] if len(spec) == 3 else None))
+    names = [entry[0] for entry in found]
+    if len(set(names)) != len(names):
+        raise ValueError("tensor names must be distinct")
+    return found
 
 
 def _file_state(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
     """The finalized model's state dict rebuilt from a validated file."""
+    if manifest["version"] >= 3:
+        return _file_state_v3(manifest, stored)
     packed = manifest["packed"]
     if not isinstance(packed, dict):
         raise TypeError("`packed` must be a mapping")
@@ -212,25 +337,85 @@ def _file_state(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _check_model(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> None:
+def _stored(stored: dict[str, Tensor], name: str) -> Tensor:
+    value = stored[name]
+    if value.dtype != torch.uint8 or value.dim() != 1:
+        raise ValueError(f"'{name}' is {value.dtype} of shape {tuple(value.shape)}, expected a 1-D uint8 tensor")
+    return value
+
+
+def _widths(digits: Any, rows: int) -> Tensor:
+    """A layer's row widths from their digits in the manifest (``0``-``9``, ``a``-``g`` for 10-16)."""
+    if not isinstance(digits, str) or len(digits) != rows or not set(digits) <= set(_WIDTH_DIGITS):
+        raise ValueError(f"widths must be {rows} characters of {_WIDTH_DIGITS!r}, got {str(digits)[:40]!r}")
+    return torch.tensor([_WIDTH_DIGITS.index(d) for d in digits], dtype=torch.int64)
+
+
+def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+    if set(stored) != {"codes", "data"}:
+        raise ValueError(f"the file holds tensors {sorted(stored)}, expected codes and data")
+    coding, tail_coding = manifest["coding"], manifest["tail"]
+    if any(c != "none" and c not in CODERS for c in (coding, tail_coding)):
+        raise ValueError(f"unknown coding {coding!r} or {tail_coding!r}")
+    entries = _entries(manifest)
+    packed = [(name, shape, dtype, digits) for name, _, shape, dtype, digits in entries if digits is not None]
+    if any(len(shape) < 2 for _, shape, _, _ in packed):
+        raise ValueError("packed weights must have at least 2 dimensions")
+    rows = [shape[0] for _, shape, _, _ in packed]
+    cols = [math.prod(shape[1:]) for _, shape, _, _ in packed]
+    widths = [_widths(digits, count) for (_, _, _, digits), count in zip(packed, rows, strict=True)]
+    stream, data = _stored(stored, "codes"), _stored(stored, "data")
+    other = [(name, shape, dtype) for name, _, shape, dtype, digits in entries if digits is None]
+    sizes = [math.prod(shape) * _STORED_DTYPES[dtype].itemsize for _, shape, dtype in other]
+    need = 4 * sum(rows) + sum(sizes)  # bytes of the scales and the other tensors
+    data = data[manifest["manifest_bytes"] :]
+    if tail_coding != "none":
+        data = _as_tensor(decompress(data.numpy().tobytes(), tail_coding, need))
+    if need != data.numel():
+        raise ValueError(
+            f"the data holds {data.numel()} bytes after the manifest; the scales and other tensors need {need}"
+        )
+    scales = data[: 4 * sum(rows)].clone().view(torch.float32)
+    at = 4 * sum(rows)
+    if coding == "none":
+        nbytes = [packed_nbytes(w, c) for w, c in zip(widths, cols, strict=True)]
+        if sum(nbytes) != stream.numel():
+            raise ValueError(f"the codes hold {stream.numel()} bytes; the shapes and widths need {sum(nbytes)}")
+        ends = list(itertools.accumulate(nbytes))
+        codes = [unpack_codes(stream[e - n : e], w, c) for e, n, w, c in zip(ends, nbytes, widths, cols, strict=True)]
+    else:
+        codes = decode_codes(stream.numpy().tobytes(), widths, cols, coding)
+    state = {}
+    ends = list(itertools.accumulate(rows))
+    for (name, shape, dtype, _), layer_codes, end, count in zip(packed, codes, ends, rows, strict=True):
+        state[name] = dequantize(layer_codes.reshape(shape), scales[end - count : end], _DTYPES[dtype])
+    for (name, shape, dtype), size in zip(other, sizes, strict=True):
+        raw = data[at : at + size]
+        if dtype == "bool" and raw.numel() and int(raw.max()) > 1:
+            raise ValueError(f"'{name}' holds bytes other than 0 and 1")
+        state[name] = raw.clone().view(_STORED_DTYPES[dtype]).reshape(shape)
+        at += size
+    return {name: state[name] for name, *_ in entries}
+
+
+def _check_model(model: nn.Module, manifest: dict, shapes: dict[str, tuple[int, ...]]) -> None:
     """Whether ``model`` can take the file's tensors: same names and types, channels only fewer."""
     current = model.state_dict()
-    missing, unexpected = sorted(set(state) - set(current)), sorted(set(current) - set(state))
+    missing, unexpected = sorted(set(shapes) - set(current)), sorted(set(current) - set(shapes))
     if missing or unexpected:
         raise SelfCompressFormatError(
             "the model does not match the file: "
             f"tensors in the file but not the model {missing[:5]}, in the model but not the file {unexpected[:5]}."
         )
     modules = dict(model.named_modules())
-    for name, value in state.items():
+    for name, shape in shapes.items():
         have = tuple(current[name].shape)
         module = modules.get(name.rpartition(".")[0])
         channel_dims = 0
         if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            channel_dims = min(value.dim(), 2)
+            channel_dims = min(len(shape), 2)
         elif isinstance(module, _BatchNorm):
-            channel_dims = min(value.dim(), 1)
-        shape = tuple(value.shape)
+            channel_dims = min(len(shape), 1)
         fits = len(shape) == len(have) and all(
             (1 <= saved <= own) if dim < channel_dims else saved == own
             for dim, (saved, own) in enumerate(zip(shape, have, strict=False))
@@ -240,7 +425,11 @@ def _check_model(model: nn.Module, manifest: dict, state: dict[str, Tensor]) -> 
                 f"the model does not match the file: '{name}' has shape {have}, the file holds {shape} "
                 "(only channel dimensions of Linear, Conv and BatchNorm layers may be smaller in the file)."
             )
-    for module_name, (type_name, _) in manifest["modules"].items():
+    if manifest["version"] >= 3:
+        types = {name.rpartition(".")[0]: type_name for name, type_name, *_ in _entries(manifest)}
+    else:
+        types = {module_name: entry[0] for module_name, entry in manifest["modules"].items()}
+    for module_name, type_name in types.items():
         module = modules.get(module_name)
         if module is None or type(module).__name__ != type_name:
             found = type(module).__name__ if module is not None else "nothing"
@@ -263,14 +452,16 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     number of dimensions, Linear/Conv/BatchNorm channel dimensions may be larger than in
     the file and are shrunk to it, every other dimension must be equal. Its weights are
     set to ``codes * scale`` exactly as :func:`~selfcompress.finalize` sets them, so on the
-    same device its outputs equal the finalized model's bit for bit. Version 1 files load too.
+    same device its outputs equal the finalized model's bit for bit. Entropy-coded files and
+    files of versions 1 and 2 load too.
 
     Returns:
         ``model``, loaded in place.
 
     Raises:
         SelfCompressFormatError: A truncated, corrupted or foreign file, a newer format
-            version, or a model that does not match. ``model`` is then unchanged.
+            version, a code stream that expands past the manifest's shapes, or a model that
+            does not match. ``model`` is then unchanged.
     """
     # Tensors made under inference mode cannot be updated outside it, and the reverse: load in
     # the mode the model's tensors were made in, whatever the caller's.
@@ -278,20 +469,26 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     with torch.inference_mode(made_in_inference):
         manifest, stored = read_manifest(path)
         try:
-            state = _file_state(manifest, stored)
             modules = manifest["modules"]
-            if not isinstance(modules, dict) or not all(
-                isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values()
+            if manifest["version"] < 3 and (
+                not isinstance(modules, dict)
+                or not all(isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values())
             ):
                 raise TypeError("`modules` must map names to [type, attributes]")
+            shapes = _file_shapes(manifest, stored)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
+        _check_model(model, manifest, shapes)  # before decoding: the model bounds what the file may expand to
+        try:
+            state = _file_state(manifest, stored)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             if isinstance(error, SelfCompressFormatError):
                 raise
             raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
-        _check_model(model, manifest, state)
         try:
             _apply(copy.deepcopy(model), state)  # dry run: the real model stays untouched on failure
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise SelfCompressFormatError(f"the model does not match '{path}': {error}") from error
         _apply(model, state)
+        mark_compact(model)
         return model

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfcompress.finalize import compressed
+from selfcompress.entropy import CODERS, compress, encode_codes
+from selfcompress.finalize import LayerCodes, compressed
 from selfcompress.layers import quantized_tensors
+from selfcompress.packing import packed_nbytes
 from selfcompress.quantize import MAX_CODE_BITS, code_bits, integer_codes
 from selfcompress.size import ModelSize, _kept_rows, open_rows, packed_size
 
@@ -49,6 +51,11 @@ class CompressionReport:
     of :class:`~selfcompress.size.ModelSize`; ``other_bytes`` is every tensor that is not a
     compressed weight (batch norms, embeddings, ...). ``history`` is the callback's
     per-epoch list, if one was given.
+
+    ``total_bytes`` is the fixed-width exact size: every code at its channel's width, as a
+    packed file (and bitsandbytes storage) holds it. ``entropy_bytes`` is the same model
+    with its codes entropy-coded (``save(..., entropy_coding=entropy_coding)``, what goes
+    over the wire); ``None`` when not computed (the callback's per-epoch report).
     """
 
     layers: list[LayerRow]
@@ -62,6 +69,8 @@ class CompressionReport:
     weights_kept: int
     weights_total: int
     history: list[dict[str, float]] = field(default_factory=list)
+    entropy_bytes: int | None = None
+    entropy_coding: str | None = None
 
     def to_dict(self) -> dict[str, float | int]:
         """Flat figures for a logger: totals, then ``layer/<name>/<figure>`` for every layer."""
@@ -76,6 +85,8 @@ class CompressionReport:
             "weights_kept": int(self.weights_kept),
             "weights_total": int(self.weights_total),
         }
+        if self.entropy_bytes is not None:
+            figures["entropy_bytes"] = int(self.entropy_bytes)
         for row in self.layers:
             prefix = f"layer/{row.name}/"
             figures[prefix + "channels_open"] = int(row.channels_open)
@@ -114,11 +125,15 @@ class CompressionReport:
         return header, rows, total
 
     def summary(self) -> str:
-        """One line: total bytes, fraction of fp32 and bits per weight."""
-        return (
+        """One line: total bytes, fraction of fp32, bits per weight, and the entropy-coded bytes if known."""
+        line = (
             f"{self.total_bytes:,} bytes = {self.fraction_of_fp32:.2%} of fp32 ({self.fp32_bytes:,} bytes), "
             f"{self.bits_per_weight:.2f} bits per weight"
         )
+        if self.entropy_bytes is not None:
+            share = self.entropy_bytes / max(self.total_bytes, 1)
+            line += f"; {self.entropy_bytes:,} bytes entropy-coded ({self.entropy_coding}, {share:.1%} of fixed-width)"
+        return line
 
     def __str__(self) -> str:
         header, rows, total = self._cells()
@@ -283,6 +298,8 @@ def report(
     model: nn.Module,
     inputs: Any = None,
     history: Sequence[Mapping[str, float]] | None = None,
+    *,
+    entropy_coding: str | None = "lzma",
 ) -> CompressionReport:
     """The compression report of the packed file :func:`selfcompress.save` would write.
 
@@ -297,19 +314,50 @@ def report(
             checkpoint.
         inputs: One forward call, as for :func:`selfcompress.finalize`.
         history: The callback's ``history`` (per-epoch dicts), for :meth:`plot`.
+        entropy_coding: Coder for ``entropy_bytes`` (one of
+            :data:`selfcompress.entropy.CODERS`); ``None`` skips it (coding takes about a
+            second per million weights).
 
     Raises:
-        ValueError: ``model`` has no compressed weights, or no inputs are known for it.
+        ValueError: ``model`` has no compressed weights, no inputs are known for it, or
+            ``entropy_coding`` is unknown.
     """
+    if entropy_coding is not None and entropy_coding not in CODERS:
+        raise ValueError(f"`entropy_coding` must be None or one of {CODERS}, got {entropy_coding!r}.")
     compact, _, layers = compressed(model, inputs)
     widths = {name: layer.widths for name, layer in layers.items()}
-    return from_size(packed_size(compact, widths), widths, history)
+    size = packed_size(compact, widths)
+    entropy = entropy_size(compact, layers, entropy_coding) if entropy_coding is not None else None
+    return from_size(size, widths, history, entropy_bytes=entropy, entropy_coding=entropy_coding)
+
+
+def entropy_size(compact: nn.Module, layers: Mapping[str, LayerCodes], coder: str = "lzma") -> int:
+    """Bytes of ``compact``'s exact size with its codes and its other tensors entropy-coded, as ``save`` does.
+
+    Each part is coded only where that makes it smaller; widths count one byte per row, as
+    in the exact size. The file adds only its container (header and manifest).
+    """
+    codes = [layer.codes.reshape(layer.codes.shape[0], -1) for layer in layers.values()]
+    widths = [layer.widths for layer in layers.values()]
+    packed = sum(packed_nbytes(w, c.shape[1]) for c, w in zip(codes, widths, strict=True))
+    code_bytes = min(len(encode_codes(codes, widths, coder)), packed)
+    floats = [layer.scale.detach().cpu().to(torch.float32).reshape(-1).view(torch.uint8) for layer in layers.values()]
+    floats += [
+        value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        for name, value in compact.state_dict().items()
+        if name not in layers
+    ]
+    tail = torch.cat(floats).numpy().tobytes() if floats else b""
+    return code_bytes + min(len(compress(tail, coder)), len(tail)) + sum(int(w.numel()) for w in widths)
 
 
 def from_size(
     size: ModelSize,
     widths: Mapping[str, Sequence[int]] | None = None,
     history: Sequence[Mapping[str, float]] | None = None,
+    *,
+    entropy_bytes: int | None = None,
+    entropy_coding: str | None = None,
 ) -> CompressionReport:
     """A report from an exact size already computed (``widths``: per-channel code bits by layer)."""
     total_bits = max(size.total_bits, 1)
@@ -340,4 +388,6 @@ def from_size(
         weights_kept=size.weights_kept,
         weights_total=size.weights_total,
         history=[dict(entry) for entry in (history or [])],
+        entropy_bytes=entropy_bytes,
+        entropy_coding=entropy_coding if entropy_bytes is not None else None,
     )

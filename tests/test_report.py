@@ -69,7 +69,11 @@ def test_figures_are_those_of_the_packed_file(tmp_path) -> None:
     assert found.other_bytes == 4 * 3 * 4 + 8  # the batch norm: 4 tensors of 3 floats and a counter
     save(model, tmp_path / "net.sc", INPUTS)
     size = os.path.getsize(tmp_path / "net.sc")
-    assert found.total_bytes <= size <= found.total_bytes + 4096
+    assert found.total_bytes <= size <= found.total_bytes * 1.01 + 512
+    save(model, tmp_path / "net.lzma.sc", INPUTS, entropy_coding="lzma")
+    coded = os.path.getsize(tmp_path / "net.lzma.sc")
+    assert found.entropy_coding == "lzma" and found.entropy_bytes < found.total_bytes
+    assert 0 <= coded - found.entropy_bytes <= size - found.total_bytes + 16  # the same container
     other_share = found.other_bytes / found.total_bytes
     assert sum(row.share for row in found.layers) + other_share == pytest.approx(1, abs=0.02)
 
@@ -111,6 +115,19 @@ def test_to_dict_is_flat_plain_numbers() -> None:
     assert type(figures["total_bytes"]) is int and type(figures["fraction_of_fp32"]) is float
     assert all(type(value) in (int, float) for value in figures.values())
     assert all(isinstance(key, str) for key in figures)
+    assert figures["entropy_bytes"] == found.entropy_bytes
+
+
+def test_entropy_figure_is_shown_and_optional() -> None:
+    found = report(prepared(CLOSING), INPUTS)
+    assert f"{found.entropy_bytes:,} bytes entropy-coded (lzma" in str(found)
+    assert f"{found.total_bytes:,} bytes =" in found.summary()
+    skipped = report(prepared(CLOSING), INPUTS, entropy_coding=None)
+    assert skipped.entropy_bytes is None and "entropy" not in skipped.summary()
+    assert "entropy_bytes" not in skipped.to_dict()
+    assert report(prepared(CLOSING), INPUTS, entropy_coding="zlib").entropy_coding == "zlib"
+    with pytest.raises(ValueError, match="entropy_coding.*'brotli'"):
+        report(prepared(CLOSING), INPUTS, entropy_coding="brotli")
 
 
 def test_table_names_every_layer_and_the_total() -> None:
