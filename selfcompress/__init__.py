@@ -7,6 +7,8 @@ Modules, one idea each:
 - ``layers``: attaching bit depths and exponents to weights; baking them in.
 - ``graph``: channel dependency groups (what must lose channel k together).
 - ``size``: the differentiable size penalty and the exact packed size.
+- ``batchnorm``: re-estimating batch-norm statistics for the quantized weights.
+- ``checkpoint``: the plain state dict a Lightning checkpoint holds.
 - ``gates``: closed channels and driving their constants to zero.
 - ``surgery``: removing channels from a training model and its optimizers.
 - ``finalize``: any form of a trained model to one plain compact module and its codes.
@@ -18,6 +20,7 @@ Modules, one idea each:
 
 from typing import Any
 
+from selfcompress.batchnorm import reestimate_batch_norm
 from selfcompress.callback import SelfCompress
 from selfcompress.finalize import RemovalReport, finalize
 from selfcompress.graph import build_graph
@@ -51,6 +54,7 @@ __all__ = [
     "prepare",
     "quantize",
     "quantized_tensors",
+    "reestimate_batch_norm",
     "report",
     "save",
     "to_bitsandbytes",

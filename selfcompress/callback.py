@@ -18,11 +18,11 @@ from typing_extensions import override
 
 from selfcompress.batchnorm import ForwardInputs, batch_norms, detach_inputs, reestimate_batch_norm
 from selfcompress.checkpoint import accept_state_dict, plain_state_dict
-from selfcompress.finalize import silent_channels
+from selfcompress.finalize import compressed, silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
 from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
-from selfcompress.report import CompressionReport, channel_bits, from_size
+from selfcompress.report import CompressionReport, channel_bits, entropy_size, from_size
 from selfcompress.size import ModelSize, exact_size, open_rows, penalty
 from selfcompress.surgery import RemovalRecord, keep_one_per_group, remove_channels, supported_channels
 from selfcompress.targets import parse_target_size, update_gamma
@@ -145,6 +145,8 @@ class SelfCompress(Callback):
         self.shrink_every = shrink_every
         self.print_report = print_report
         self.history: list[dict[str, float]] = []
+        #: Bytes of the finalized model with entropy-coded codes, measured at the end of fit.
+        self.entropy_bytes: int | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
         self._graph: ChannelGraph | None = None
@@ -273,8 +275,23 @@ class SelfCompress(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_watching_inputs()
-        if self.print_report and self._graph is not None and trainer.is_global_zero:
+        if self._graph is None or not trainer.is_global_zero:
+            return
+        self.entropy_bytes = self._entropy_bytes()
+        if self.entropy_bytes is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({METRIC_PREFIX + "entropy_bytes": float(self.entropy_bytes)}, trainer.global_step)
+        if self.print_report:
             print(self.report())
+
+    def _entropy_bytes(self) -> int | None:
+        """Bytes of the finalized model with its codes entropy-coded (what `save(entropy_coding="lzma")` holds)."""
+        try:
+            compact, _, layers = compressed(self._traced, self._inputs)
+        except (ValueError, RuntimeError) as error:  # a figure is not worth failing the fit for
+            rank_zero_warn(f"SelfCompress could not measure the entropy-coded size: {error}")
+            return None
+        return entropy_size(compact, layers)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -400,7 +417,14 @@ class SelfCompress(Callback):
         """Per-layer figures, tables and a plot of the model being trained, with the history."""
         if self._graph is None:
             raise RuntimeError("SelfCompress.report() needs at least one training step.")
-        return from_size(self.size(), channel_bits(self._traced, self._graph), self.history)
+        coding = "lzma" if self.entropy_bytes is not None else None
+        return from_size(
+            self.size(),
+            channel_bits(self._traced, self._graph),
+            self.history,
+            entropy_bytes=self.entropy_bytes,
+            entropy_coding=coding,
+        )
 
     def shrink(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
         """Remove, for real, every channel that is closed and whose constant reached zero.

@@ -196,3 +196,20 @@ def test_progress_bar_shows_the_current_size() -> None:
     _, trainer = fit(SelfCompress(gamma=0.1), epochs=1, log_every_n_steps=1)
     assert trainer.progress_bar_metrics["selfcompress/bytes"] > 0
     assert 0 < trainer.progress_bar_metrics["selfcompress/bpw"] <= 8
+
+
+def test_entropy_coded_size_is_measured_logged_and_reported_at_fit_end(tmp_path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from selfcompress import save
+
+    callback = SelfCompress(gamma=0.5)
+    model, trainer = fit(callback, logger=CSVLogger(tmp_path, name="run"))
+    assert isinstance(callback.entropy_bytes, int) and callback.entropy_bytes > 0
+    path = tmp_path / "net.safetensors"
+    save(model, path, entropy_coding="lzma")
+    # The figure is the coded payload; the file adds only its container.
+    assert callback.entropy_bytes <= path.stat().st_size <= callback.entropy_bytes + 1024
+    assert "entropy-coded" in str(callback.report())
+    metrics = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
+    assert "selfcompress/entropy_bytes" in metrics.splitlines()[0]
