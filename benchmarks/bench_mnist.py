@@ -93,7 +93,9 @@ def state_dict_bytes(module: nn.Module) -> int:
         return path.stat().st_size
 
 
-def packed_file_bytes(net: nn.Module, example: torch.Tensor) -> tuple[int | None, str]:
+def packed_file_bytes(
+    net: nn.Module, example: torch.Tensor, entropy_coding: str | None = None
+) -> tuple[int | None, str]:
     """Bytes of the file ``selfcompress.io.save`` writes, or (None, reason)."""
     try:
         from selfcompress.io import save
@@ -102,9 +104,9 @@ def packed_file_bytes(net: nn.Module, example: torch.Tensor) -> tuple[int | None
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
         try:
-            save(net, path)
+            save(net, path, entropy_coding=entropy_coding)
         except ValueError:
-            save(net, path, inputs=((example,), {}))
+            save(net, path, inputs=((example,), {}), entropy_coding=entropy_coding)
         return path.stat().st_size, "selfcompress.io.save"
 
 
@@ -112,8 +114,10 @@ def evaluate_selfcompress(model: Classifier, callback, test_loader, example: tor
     size = callback.size()
     compact = selfcompress.finalize(model.net)
     packed, packed_how = packed_file_bytes(model.net, example)
+    coded, _ = packed_file_bytes(model.net, example, entropy_coding="lzma")
     return dict(accuracy=accuracy(model, test_loader), finalized_accuracy=accuracy(compact, test_loader),
                 exact_bytes=size.total_bytes, packed_file_bytes=packed, packed_file_note=packed_how,
+                entropy_file_bytes=coded,
                 fraction_of_fp32_bits=size.fraction_of_fp32, bits_per_weight=size.bits_per_weight,
                 weights_kept=size.weights_kept, weights_total=size.weights_total,
                 params_finalized=sum(p.numel() for p in compact.parameters()),
@@ -194,13 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"MNIST CNN ({params:,} weights), setting {cfg['name']}: {rows[0]['steps']} steps of batch "
           f"{cfg['batch_size']}, {len(train_loader.dataset):,} training images, {len(test_loader.dataset):,} test")
     print(f"{'method':<14}{'gamma':>7}{'steps':>7}{'accuracy':>10}{'finalized':>10}{'exact bytes':>13}"
-          f"{'packed file':>13}{'of fp32':>9}{'seconds':>9}")
+          f"{'packed file':>13}{'lzma file':>11}{'of fp32':>9}{'seconds':>9}")
     for r in rows:
         gamma = "" if r["gamma"] is None else f"{r['gamma']:g}"
         packed = r.get("packed_file_bytes")
         print(f"{r['method']:<14}{gamma:>7}{r['steps']:>7}{r['accuracy']:>10.2%}"
               f"{r.get('finalized_accuracy', r['accuracy']):>10.2%}{r['exact_bytes']:>13,}"
-              f"{packed or r.get('state_dict_file_bytes') or 0:>13,}"
+              f"{packed or r.get('state_dict_file_bytes') or 0:>13,}{r.get('entropy_file_bytes') or 0:>11,}"
               f"{r['exact_bytes'] / fp32_bytes:>9.2%}{r['seconds']:>9.1f}")
     print(f"reference: {REFERENCE['accuracy']:.2%} at ~{REFERENCE['bytes']:,} bytes after "
           f"{REFERENCE['steps']:,} steps of batch {REFERENCE['batch_size']} ({REFERENCE['note']})")
