@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from selfcompress.graph import map_tensors
+
 #: The positional and keyword arguments of one forward call.
 ForwardInputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -77,12 +79,4 @@ def reestimate_batch_norm(model: nn.Module, inputs: Sequence[ForwardInputs]) -> 
 
 def detach_inputs(value: Any) -> Any:
     """``value`` with every tensor in it detached (references, not copies), through lists, tuples and dicts."""
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
-        return type(value)(*(detach_inputs(item) for item in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(detach_inputs(item) for item in value)
-    if isinstance(value, dict):
-        return {key: detach_inputs(item) for key, item in value.items()}
-    return value
+    return map_tensors(torch.Tensor.detach, value)

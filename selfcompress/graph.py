@@ -11,7 +11,7 @@ channel numbering, which the size accounting, the gates and the surgery all shar
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,14 +168,21 @@ def set_example_inputs(model: nn.Module, inputs: ExampleInputs) -> None:
     _examples[model] = _first_samples(inputs)
 
 
-def _first_samples(value: Any) -> Any:
+def map_tensors(fn: Callable[[Tensor], Tensor], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it, through lists, (named) tuples and dicts."""
     if isinstance(value, Tensor):
-        return value.detach()[:2].clone() if value.dim() > 0 else value.detach().clone()
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(map_tensors(fn, item) for item in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_first_samples(item) for item in value)
+        return type(value)(map_tensors(fn, item) for item in value)
     if isinstance(value, dict):
-        return {key: _first_samples(item) for key, item in value.items()}
+        return {key: map_tensors(fn, item) for key, item in value.items()}
     return value
+
+
+def _first_samples(value: Any) -> Any:
+    return map_tensors(lambda t: t.detach()[:2].clone() if t.dim() > 0 else t.detach().clone(), value)
 
 
 def run_forward(model: nn.Module, inputs: ExampleInputs) -> Any:
@@ -185,13 +192,7 @@ def run_forward(model: nn.Module, inputs: ExampleInputs) -> Any:
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
+    return map_tensors(lambda t: t.to(device), value)
 
 
 @contextmanager
@@ -204,13 +205,7 @@ def autograd_enabled() -> Iterator[None]:
 def clone_inputs(value: Any) -> Any:
     """A copy of every tensor in ``value`` (detached; ordinary tensors, not inference tensors)."""
     with torch.inference_mode(False):
-        if isinstance(value, Tensor):
-            return value.detach().clone()
-        if isinstance(value, (list, tuple)):
-            return type(value)(clone_inputs(item) for item in value)
-        if isinstance(value, dict):
-            return {key: clone_inputs(item) for key, item in value.items()}
-        return value
+        return map_tensors(lambda t: t.detach().clone(), value)
 
 
 def as_inputs(inputs: Any) -> ExampleInputs:
