@@ -31,7 +31,7 @@ from selfcompress.graph import (
     stop_recording,
     traced_module,
 )
-from selfcompress.layers import COMPRESSIBLE, bake
+from selfcompress.layers import bake, compressible_weights
 from selfcompress.quantize import code_bits, dequantize, integer_form
 
 log = logging.getLogger(__name__)
@@ -229,10 +229,8 @@ def _compressible_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(state_dict name, module, attribute)`` of every Linear/Conv/attention weight."""
     found = []
     for module_name, module in model.named_modules():
-        attrs = next((attrs for cls, attrs in COMPRESSIBLE.items() if isinstance(module, cls)), ())
-        for attr in attrs:
-            if isinstance(getattr(module, attr, None), nn.Parameter):
-                found.append((f"{module_name}.{attr}" if module_name else attr, module, attr))
+        for attr in compressible_weights(module):
+            found.append((f"{module_name}.{attr}" if module_name else attr, module, attr))
     return found
 
 

@@ -26,6 +26,13 @@ COMPRESSIBLE: dict[type[nn.Module], tuple[str, ...]] = {
     nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"),
 }
 
+
+def compressible_weights(module: nn.Module) -> list[str]:
+    """The attributes of ``module`` holding a weight this package compresses (own parameters only)."""
+    attrs = next((attrs for cls, attrs in COMPRESSIBLE.items() if isinstance(module, cls)), ())
+    return [attr for attr in attrs if isinstance(getattr(module, attr, None), nn.Parameter)]
+
+
 _BIAS_OF = {"weight": "bias", "in_proj_weight": "in_proj_bias"}
 
 
@@ -148,12 +155,9 @@ def prepare(
 
     targets = []
     for name, module in modules.items():
-        attrs = next((attrs for cls, attrs in COMPRESSIBLE.items() if isinstance(module, cls)), ())
-        if not attrs or isinstance(module, exclude_types):
+        if isinstance(module, exclude_types) or any(fnmatch.fnmatchcase(name, p) for p in exclude_names):
             continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude_names):
-            continue
-        targets += [(module, attr) for attr in attrs if isinstance(getattr(module, attr, None), nn.Parameter)]
+        targets += [(module, attr) for attr in compressible_weights(module)]
     if not targets:
         raise ValueError(
             "`model` has nothing to compress: no nn.Linear, nn.Conv1d/2d/3d or "
