@@ -45,8 +45,9 @@ from common import header, median_seconds  # noqa: E402
 
 from selfcompress.bnb import bitsandbytes_from_codes, storage_bytes  # noqa: E402
 from selfcompress.entropy import decode_codes, encode_codes  # noqa: E402
+from selfcompress.finalize import compressed  # noqa: E402
 from selfcompress.graph import build_graph  # noqa: E402
-from selfcompress.io import compressed_codes, load, save  # noqa: E402
+from selfcompress.io import load, save  # noqa: E402
 from selfcompress.layers import prepare  # noqa: E402
 from selfcompress.packing import pack_codes, unpack_codes  # noqa: E402
 from selfcompress.quantize import initial_exponent  # noqa: E402
@@ -176,7 +177,7 @@ def bench(
     save_s = time.perf_counter() - start
     exact = exact_size(model, build_graph(model, inputs)).total_bytes
 
-    compact, report, layers = compressed_codes(model, inputs)
+    compact, report, layers = compressed(model, inputs)
     compact.eval()
     flat = {k: (v.codes.reshape(v.codes.shape[0], -1), v.widths) for k, v in layers.items()}
     start = time.perf_counter()

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfcompress.entropy import CODERS, compress, decode_codes, decompress, encode_codes
-from selfcompress.finalize import LayerCodes, RemovalReport, compressed, mark_compact
+from selfcompress.finalize import compressed, mark_compact
 from selfcompress.packing import pack_codes, packed_nbytes, unpack_codes
 from selfcompress.quantize import dequantize
 from selfcompress.surgery import resize_to_state_dict
@@ -76,15 +76,6 @@ class SelfCompressFormatError(ValueError):
     model is then left unchanged. Raised by :func:`save` when a weight cannot be stored
     exactly as integer codes.
     """
-
-
-def compressed_codes(model: nn.Module, inputs: Any = None) -> tuple[nn.Module, RemovalReport, dict[str, LayerCodes]]:
-    """``(compact, report, codes)`` of any model :func:`~selfcompress.finalize` accepts.
-
-    ``codes`` maps each weight stored packed (its ``state_dict`` name in ``compact``) to its
-    :class:`~selfcompress.finalize.LayerCodes`; works under any grad mode.
-    """
-    return compressed(model, inputs)
 
 
 def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entropy_coding: str | None = None) -> dict:

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from torch import nn
 
 from selfcompress import entropy, io
-from selfcompress.finalize import finalize
+from selfcompress.finalize import compressed, finalize
 from selfcompress.graph import build_graph
-from selfcompress.io import SelfCompressFormatError, compressed_codes, load, read_manifest, save
+from selfcompress.io import SelfCompressFormatError, load, read_manifest, save
 from selfcompress.layers import prepare
 from selfcompress.packing import pack_codes
 from selfcompress.size import exact_size
@@ -116,7 +116,7 @@ def test_manifest_records_the_compact_module(saved):
     packed = {key for key, spec in specs.items() if len(spec) == 3}
     assert packed == {"0.weight", "3.weight", "6.weight", "9.weight"}
     assert specs["0.weight"][0] == [6, 3, 3, 3] and specs["0.weight"][1] == "float32"
-    _, _, layers = compressed_codes(compact)
+    _, _, layers = compressed(compact)
     assert specs["0.weight"][2] == "".join("0123456789abcdefg"[w] for w in layers["0.weight"].widths.tolist())
     types = {name: type_name for name, type_name, _ in stored["modules"]}
     assert types["3"] == "Conv2d" and types["1"] == "BatchNorm2d"
@@ -124,7 +124,7 @@ def test_manifest_records_the_compact_module(saved):
 
 def test_codes_are_exact_and_widths_minimal(saved):
     model, inputs, *_ = saved
-    compact, _, layers = compressed_codes(model, inputs)
+    compact, _, layers = compressed(model, inputs)
     state = compact.state_dict()
     assert int(layers["0.weight"].widths.max()) == 12
     assert int(layers["9.weight"].widths.max()) <= 3
@@ -222,7 +222,7 @@ def rewrite_v3(path, out, edit_body=None, codes=None, data_tail=None):
 
 def write_legacy(model, inputs, path, version):
     """A version 1 or 2 file as those versions wrote it: one codes/scale/width triple per weight."""
-    compact, _, layers = compressed_codes(model, inputs)
+    compact, _, layers = compressed(model, inputs)
     tensors, packed, modules = {}, {}, {}
     for name, value in compact.state_dict().items():
         layer = layers.get(name)
