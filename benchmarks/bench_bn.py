@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -57,10 +58,16 @@ def loaders(channels: int, seed: int) -> tuple[DataLoader, DataLoader]:
 class EvalVersusReestimated(pl.Callback):
     """At each epoch end: eval accuracy of the model as it is, and of a copy with re-estimated batch norms."""
 
-    def __init__(self, train: DataLoader, test: DataLoader, compress: selfcompress.SelfCompress) -> None:
+    def __init__(
+        self,
+        train: DataLoader,
+        test: DataLoader,
+        compress: selfcompress.SelfCompress | None,
+        reestimate_batches: int | None = None,
+    ) -> None:
         # Its own unshuffled loader: drawing from the training loader's generator would change the run.
         self.train = DataLoader(train.dataset, batch_size=train.batch_size)
-        self.test, self.compress = test, compress
+        self.test, self.compress, self.reestimate_batches = test, compress, reestimate_batches
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -69,10 +76,12 @@ class EvalVersusReestimated(pl.Callback):
         with torch.random.fork_rng(devices=[]):
             eval_acc = accuracy(net, self.test)
             twin = copy.deepcopy(net)
-            reestimate_batch_norm(twin, [((x,), {}) for x, _ in self.train])
+            batches = itertools.islice(self.train, self.reestimate_batches)
+            reestimate_batch_norm(twin, [((x,), {}) for x, _ in batches])
             twin_acc = accuracy(twin, self.test)
         net.train(was_training)
-        size = self.compress.size().fraction_of_fp32 if self.compress.graph is not None else 1.0
+        compressing = self.compress is not None and self.compress.graph is not None
+        size = self.compress.size().fraction_of_fp32 if compressing else 1.0
         self.rows.append(dict(epoch=trainer.current_epoch, size=size, eval=eval_acc, twin=twin_acc))
 
 

@@ -51,25 +51,27 @@ def params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def torch_pruning_to(net: nn.Module, target_params: int, example: torch.Tensor) -> tuple[nn.Module, float]:
-    """A pruned copy of ``net`` with at most ``target_params`` parameters (ratio found by bisection)."""
+def prune(net: nn.Module, ratio: float, example: torch.Tensor) -> nn.Module:
+    """A copy of ``net`` with ``ratio`` of each layer's channels removed by Torch-Pruning (last layer kept)."""
     import torch_pruning as tp
 
-    def pruned(ratio: float) -> nn.Module:
-        model = copy.deepcopy(net).eval()
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, ignored_layers=[model[-1]])
-        pruner.step()
-        return model
+    model = copy.deepcopy(net).eval()
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=[model[-1]])
+    pruner.step()
+    return model
 
+
+def torch_pruning_to(net: nn.Module, target_params: int, example: torch.Tensor) -> tuple[nn.Module, float]:
+    """A pruned copy of ``net`` with at most ``target_params`` parameters (ratio found by bisection)."""
     low, high = 0.0, 0.99
     for _ in range(14):
         mid = (low + high) / 2
-        if params(pruned(mid)) > target_params:
+        if params(prune(net, mid, example)) > target_params:
             low = mid
         else:
             high = mid
-    return pruned(high), high
+    return prune(net, high, example), high
 
 
 def run_diffq(train_loader, test_loader, epochs: int, max_steps: int, seed: int, penalty: float,

@@ -73,17 +73,51 @@ def test_peers_smoke(tmp_path, capsys) -> None:
     assert runs["lightning ModelPruning + fine-tune"]["file_bytes"] >= runs["fp32"]["file_bytes"] * 0.9
 
 
+@needs_mnist
+def test_pareto_smoke(tmp_path, capsys) -> None:
+    results = run("bench_pareto", tmp_path, "--data-dir", str(MNIST))
+    check_outputs(tmp_path, capsys, "pareto")
+    methods = [r["method"] for r in results["runs"]]
+    assert methods[:3] == ["fp32", "selfcompress", "fixed-bit QAT"] and "torch-pruning + fine-tune" in methods
+    qat = results["runs"][2]
+    assert qat["bits_per_weight"] == pytest.approx(4.0, abs=0.01)  # frozen depths: 4 bits a weight, none removed
+    assert all(r["file_bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
+
+
+def test_pareto_matching() -> None:
+    matched = load("bench_pareto").matched
+    rows = [dict(method="selfcompress", file_bytes=100, accuracy=0.9), dict(method="selfcompress", file_bytes=50,
+                                                                           accuracy=0.8),
+            dict(method="diffq", file_bytes=60, accuracy=0.79), dict(method="diffq", file_bytes=99, accuracy=0.85),
+            dict(method="fixed-bit QAT", file_bytes=40, accuracy=0.1), dict(method="fp32", file_bytes=400,
+                                                                              accuracy=0.99)]
+    matched(rows)
+    assert [r.get("matched") for r in rows] == [None, None, True, False, False, None]
+    assert rows[3]["selfcompress_best_at_no_more_bytes"] == 0.8 and rows[4]["selfcompress_best_at_no_more_bytes"] is None
+
+
 def test_cifar_smoke(tmp_path, capsys) -> None:
     if not CIFAR.exists():
         pytest.skip(f"no {CIFAR}")
     pytest.importorskip("PIL")
-    results = run("bench_cifar", tmp_path, "--zip", str(CIFAR))
+    results = run("bench_cifar", tmp_path, "--zip", str(CIFAR), "--runs", "fp32", "gamma:0.2", "bits:2")
     check_outputs(tmp_path, capsys, "cifar")
-    fp32, compressed = results["runs"]
+    fp32, compressed, fixed = results["runs"]
     assert fp32["fraction_of_fp32_bits"] == 1.0
     assert 0.0 < compressed["fraction_of_fp32_bits"] < 1.0 and compressed["bytes"] > 0
     assert compressed["finalized_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.02)
+    assert fixed["bits_per_weight"] == pytest.approx(2.0, abs=0.01)  # frozen depths: 2 bits a weight, none removed
+    assert all(len(r["epochs"]) == 1 and 0.0 <= r["epochs"][0]["twin"] <= 1.0 for r in results["runs"])
     assert results["full_setting_run"] is False
+    combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
+    assert combined["runs"] == results["runs"] * 2
+
+
+def test_cifar_run_entries_are_checked() -> None:
+    parse_run = load("bench_cifar").parse_run
+    assert parse_run("target:5%") == ("target", "5%") and parse_run("bits:4") == ("bits", 4.0)
+    with pytest.raises(ValueError, match="'gama:0.1'"):
+        parse_run("gama:0.1")
 
 
 def test_cost_smoke(tmp_path, capsys) -> None:

@@ -1,0 +1,186 @@
+"""MNIST CNN: accuracy against real file bytes, SelfCompress and every peer swept, in one run.
+
+Same data, batch, optimizer (AdamW 3e-3, cosine) and training steps for every method:
+
+- SelfCompress over a gamma sweep; bytes of the file ``selfcompress.save`` writes (its
+  default, fixed-width codes; the lzma file is printed beside it);
+- fixed-bit quantization-aware training at 8, 4 and 2 bits: our quantizer with frozen bit
+  depths and learned scales (``bench_mnist.fixed_bits_callback``); same file writer;
+- DiffQ over a sweep of its size penalty; bytes of
+  ``torch.save(quantizer.get_quantized_state(packed=True))``;
+- Torch-Pruning at several channel ratios of the trained fp32 net, each then fine-tuned
+  for one more epoch (so it gets more steps than the rest); bytes of
+  ``torch.save(state_dict)``.
+
+A peer point is *matched* when some SelfCompress point has at least its accuracy in a
+file of no more bytes. Settings: default (short, CPU) 2 epochs of the 60,000 images at
+batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method.
+
+    python benchmarks/bench_pareto.py --threads 2 --out pareto.json --plot benchmarks/plots/mnist_pareto.png
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "examples")]
+
+import torch  # noqa: E402
+from bench_mnist import (  # noqa: E402
+    evaluate_selfcompress,
+    fit,
+    fixed_bits_callback,
+    have_data,
+    loaders,
+    packed_file_bytes,
+    parser_with_common,
+    state_dict_bytes,
+)
+from bench_peers import params, prune, run_diffq  # noqa: E402
+from common import header, write_json  # noqa: E402
+from digits import accuracy  # noqa: E402
+
+import selfcompress  # noqa: E402
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+MARKERS = {"fp32": ("k", "x"), "selfcompress": ("C0", "o"), "fixed-bit QAT": ("C1", "s"), "diffq": ("C2", "^"),
+           "torch-pruning + fine-tune": ("C3", "v")}
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def matched(rows: list[dict]) -> None:
+    """Mark each peer row with the best SelfCompress accuracy in a file of no more bytes."""
+    ours = [r for r in rows if r["method"] == "selfcompress"]
+    for row in rows:
+        if row["method"] in ("selfcompress", "fp32"):
+            continue
+        fitting = [r["accuracy"] for r in ours if r["file_bytes"] <= row["file_bytes"]]
+        row["selfcompress_best_at_no_more_bytes"] = max(fitting, default=None)
+        row["matched"] = bool(fitting) and max(fitting) >= row["accuracy"]
+
+
+def plot(path: str, rows: list[dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, (color, marker) in MARKERS.items():
+        points = sorted((r["file_bytes"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=method,
+                    linestyle="-" if method == "selfcompress" else ":")
+    ax.set_xscale("log")
+    ax.set_xlabel("real file bytes (log)")
+    ax.set_ylabel("MNIST test accuracy (%)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = parser_with_common(__doc__)
+    parser.add_argument("--gammas", type=floats, default=[0.003, 0.01, 0.02, 0.04, 0.08])
+    parser.add_argument("--bits", type=floats, default=[8, 4, 2], help="fixed-bit QAT depths")
+    parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
+    parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not have_data(args.data_dir):
+        print(f"skipped: no MNIST IDX files in {args.data_dir} (pass --data-dir)")
+        return {"skipped": f"no MNIST data in {args.data_dir}"}
+    if args.smoke:
+        cfg = dict(name="smoke", epochs=1, batch_size=128, train_subset=512, test_subset=1000)
+        args.gammas, args.bits, args.diffq_penalties, args.pruning_ratios = [0.05], [4], [10], [0.5]
+    else:
+        cfg = dict(name="short (CPU)", epochs=args.epochs, batch_size=args.batch_size,
+                   train_subset=args.train_subset, test_subset=None)
+    cfg.update(gammas=args.gammas, bits=args.bits, diffq_penalties=args.diffq_penalties,
+               pruning_ratios=args.pruning_ratios)
+    train_loader, test_loader = loaders(args.data_dir, cfg["batch_size"], cfg["train_subset"], cfg["test_subset"],
+                                        args.seed)
+    example = next(iter(test_loader))[0][:2]
+    print(header(), flush=True)
+    results = {"benchmark": "pareto", "setting": cfg, "runs": []}
+    rows = results["runs"]
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(f"done {row['method']} {row['config']}: {row['accuracy']:.2%}, {row['file_bytes']:,} bytes "
+              f"({row['seconds']:.0f} s)", flush=True)
+        write_json(args.out, results)
+
+    base, _, seconds, steps = fit(train_loader, cfg["epochs"], None, args.seed)
+    add(dict(method="fp32", config="", steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
+             file_bytes=state_dict_bytes(base.net), params=params(base.net)))
+
+    for gamma in cfg["gammas"]:
+        model, callback, seconds, steps = fit(train_loader, cfg["epochs"], gamma, args.seed)
+        sc = evaluate_selfcompress(model, callback, test_loader, example)
+        add(dict(method="selfcompress", config=f"gamma {gamma:g}", steps=steps, seconds=seconds,
+                 accuracy=sc["finalized_accuracy"], file_bytes=sc["packed_file_bytes"],
+                 lzma_file_bytes=sc["entropy_file_bytes"], exact_bytes=sc["exact_bytes"],
+                 params=sc["params_finalized"]))
+
+    for bits in cfg["bits"]:
+        callback = fixed_bits_callback(int(bits))
+        model, _, seconds, steps = fit(train_loader, cfg["epochs"], None, args.seed, extra_callbacks=[callback])
+        compact = selfcompress.finalize(model.net)
+        add(dict(method="fixed-bit QAT", config=f"{bits:g} bits", steps=steps, seconds=seconds,
+                 accuracy=accuracy(compact, test_loader), file_bytes=packed_file_bytes(model.net, example)[0],
+                 exact_bytes=callback.size().total_bytes, bits_per_weight=callback.size().bits_per_weight,
+                 params=params(compact)))
+
+    for penalty in cfg["diffq_penalties"]:
+        row = run_diffq(train_loader, test_loader, cfg["epochs"], -1, args.seed, penalty, 8)
+        if "not_measured" in row:
+            print(f"DiffQ not measured: {row['not_measured']}")
+            results["diffq_not_measured"] = row["not_measured"]
+            break
+        row["config"] = f"penalty {penalty:g}"
+        add(row)
+
+    for ratio in cfg["pruning_ratios"]:
+        start = time.perf_counter()
+        pruned = prune(base.net, ratio, example)
+        tuned, _, ft_seconds, ft_steps = fit(train_loader, 1, None, args.seed, net=pruned)
+        add(dict(method="torch-pruning + fine-tune", config=f"ratio {ratio:g}", steps=rows[0]["steps"] + ft_steps,
+                 seconds=rows[0]["seconds"] + time.perf_counter() - start, accuracy=accuracy(tuned, test_loader),
+                 file_bytes=state_dict_bytes(tuned.net), params=params(tuned.net)))
+
+    matched(rows)
+    print(f"\nMNIST CNN ({rows[0]['params']:,} weights), setting {cfg['name']}, batch {cfg['batch_size']}, "
+          f"{len(train_loader.dataset):,} training / {len(test_loader.dataset):,} test images")
+    print(f"{'method':<27}{'config':<14}{'steps':>6}{'accuracy':>10}{'file bytes':>12}{'params':>8}"
+          f"  SelfCompress at <= bytes")
+    for r in rows:
+        best = r.get("selfcompress_best_at_no_more_bytes")
+        verdict = "" if "matched" not in r else (
+            f"{best:.2%} {'matched' if r['matched'] else 'NOT matched'}" if best is not None
+            else "NOT matched (no point that small)")
+        print(f"{r['method']:<27}{r['config']:<14}{r['steps']:>6}{r['accuracy']:>10.2%}{r['file_bytes']:>12,}"
+              f"{r['params']:>8,}  {verdict}")
+    peers = [r for r in rows if "matched" in r]
+    results["matched"] = sum(r["matched"] for r in peers)
+    print(f"peer points matched: {results['matched']} of {len(peers)}")
+    if args.plot:
+        plot(args.plot, rows, f"MNIST CNN, {cfg['name']}, real file bytes; {header().splitlines()[1]}")
+        results["plot"] = args.plot
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
