@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_bn import EvalVersusReestimated  # noqa: E402
 from bench_mnist import fixed_bits_callback, make_callback  # noqa: E402
-from common import add_run_arguments, header, write_json  # noqa: E402
+from common import add_run_arguments, header, size_accuracy_axes, write_json  # noqa: E402
 from digits import Classifier, accuracy  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
@@ -224,27 +224,14 @@ def label(row: dict) -> str:
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs, ys = zip(*PAPER_POINTS, strict=True)
-    ax.plot(xs, ys, "k*--", label="paper, self-compression (read off Fig. 3; full net, ~850 epochs)")
-    ax.scatter(*PAPER_DIFFQ, marker="P", c="grey", s=70, label="paper, DiffQ at fp32 accuracy (Fig. 3)")
-    for row in rows:
-        ax.scatter(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], s=45, label=f"{label(row)} (measured)")
-    ax.set_xscale("log")
-    ax.set_xlabel("% of fp32 bits (log)")
-    ax.set_ylabel("CIFAR-10 test accuracy (%)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with size_accuracy_axes(path, title, "% of fp32 bits (log)", "CIFAR-10 test accuracy (%)",
+                            legend="lower left") as ax:
+        xs, ys = zip(*PAPER_POINTS, strict=True)
+        ax.plot(xs, ys, "k*--", label="paper, self-compression (read off Fig. 3; full net, ~850 epochs)")
+        ax.scatter(*PAPER_DIFFQ, marker="P", c="grey", s=70, label="paper, DiffQ at fp32 accuracy (Fig. 3)")
+        for row in rows:
+            ax.scatter(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], s=45,
+                       label=f"{label(row)} (measured)")
 
 
 def print_table(cfg: dict, rows: list[dict]) -> None:

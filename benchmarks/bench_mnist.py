@@ -19,7 +19,6 @@ import inspect
 import logging
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from common import add_run_arguments, header, write_json  # noqa: E402
+from common import add_run_arguments, header, size_accuracy_axes, write_json  # noqa: E402
 from digits import Classifier, accuracy  # noqa: E402
 from mnist import mnist, mnist_cnn  # noqa: E402
 from torch import nn  # noqa: E402
@@ -155,27 +154,12 @@ def parser_with_common(doc: str) -> argparse.ArgumentParser:
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        ax.scatter(row["bytes"], 100 * row["accuracy"], marker=row.get("marker", "o"), label=row["label"], s=40,
-                   c=row.get("color"))
-    ax.scatter(REFERENCE["bytes"], 100 * REFERENCE["accuracy"], marker="*", s=120, c="k",
-               label="reference notebook (20k steps x 512, estimated bytes)")
-    ax.set_xscale("log")
-    ax.set_xlabel("size in bytes (log)")
-    ax.set_ylabel("MNIST test accuracy (%)")
-    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with size_accuracy_axes(path, title, "size in bytes (log)", "MNIST test accuracy (%)", size=(6, 4)) as ax:
+        for row in rows:
+            ax.scatter(row["bytes"], 100 * row["accuracy"], marker=row.get("marker", "o"), label=row["label"], s=40,
+                       c=row.get("color"))
+        ax.scatter(REFERENCE["bytes"], 100 * REFERENCE["accuracy"], marker="*", s=120, c="k",
+                   label="reference notebook (20k steps x 512, estimated bytes)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -40,7 +40,7 @@ from bench_mnist import (  # noqa: E402
     state_dict_bytes,
 )
 from bench_peers import params, prune, run_diffq  # noqa: E402
-from common import header, write_json  # noqa: E402
+from common import header, size_accuracy_axes, write_json  # noqa: E402
 from digits import accuracy  # noqa: E402
 
 import selfcompress  # noqa: E402
@@ -67,27 +67,13 @@ def matched(rows: list[dict]) -> None:
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, (color, marker) in MARKERS.items():
-        points = sorted((r["file_bytes"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
-        if points:
-            ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=method,
-                    linestyle="-" if method == "selfcompress" else ":")
-    ax.set_xscale("log")
-    ax.set_xlabel("real file bytes (log)")
-    ax.set_ylabel("MNIST test accuracy (%)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with size_accuracy_axes(path, title, "real file bytes (log)", "MNIST test accuracy (%)", size=(7, 4.5),
+                            legend="lower right") as ax:
+        for method, (color, marker) in MARKERS.items():
+            points = sorted((r["file_bytes"], 100 * r["accuracy"]) for r in rows if r["method"] == method)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=method,
+                        linestyle="-" if method == "selfcompress" else ":")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -8,8 +8,10 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -56,3 +58,30 @@ def add_run_arguments(
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     if plot:
         parser.add_argument("--plot", default=None, help="write a PNG plot here")
+
+
+@contextmanager
+def size_accuracy_axes(
+    path: str, title: str, xlabel: str, ylabel: str, *, size: tuple[float, float] = (6.5, 4.2),
+    legend: str = "best",
+) -> Iterator:
+    """Axes for an accuracy-against-size plot (log x), saved as a PNG at ``path`` on exit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc=legend)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
