@@ -65,8 +65,11 @@ class EvalVersusReestimated(pl.Callback):
         compress: selfcompress.SelfCompress | None,
         reestimate_batches: int | None = None,
     ) -> None:
-        # Its own unshuffled loader: drawing from the training loader's generator would change the run.
-        self.train = DataLoader(train.dataset, batch_size=train.batch_size)
+        # Shuffled by its own generator (drawing from the training loader's would change the run):
+        # a dataset stored in class order would otherwise give batch norms one class's statistics.
+        self.train = DataLoader(
+            train.dataset, batch_size=train.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
         self.test, self.compress, self.reestimate_batches = test, compress, reestimate_batches
         self.rows: list[dict[str, float]] = []
 

@@ -238,12 +238,13 @@ def print_table(cfg: dict, rows: list[dict]) -> None:
     print(f"{'run':>28}{'steps':>7}{'accuracy':>10}{'finalized':>10}{'bytes':>12}{'% fp32 bits':>12}"
           f"{'max |eval - re-est.|':>21}{'seconds':>9}")
     for r in rows:
-        gap = max((abs(e["eval"] - e["twin"]) for e in r["epochs"]), default=float("nan"))
+        gap = max((abs(e["eval"] - e["twin"]) for e in r["epochs"] if e["twin"] is not None), default=float("nan"))
         print(f"{label(r):>28}{r['steps']:>7}{r['accuracy']:>10.2%}{r.get('finalized_accuracy', r['accuracy']):>10.2%}"
               f"{r['bytes']:>12,}{100 * r['fraction_of_fp32_bits']:>11.2f}%{100 * gap:>18.2f} pt{r['seconds']:>9.0f}")
     print("per epoch, eval-mode accuracy on the probe images (and its re-estimated twin):")
     for r in rows:
-        print(f"  {label(r)}: " + " ".join(f"{100 * e['eval']:.0f}({100 * e['twin']:.0f})" for e in r["epochs"]))
+        print(f"  {label(r)}: " + " ".join(
+            f"{100 * e['eval']:.0f}" + ("" if e["twin"] is None else f"({100 * e['twin']:.0f})") for e in r["epochs"]))
     print("paper (reference only, not measured here): " + ", ".join(f"{a:.2f} % at {b:g} % of bits"
                                                                     for b, a in PAPER_POINTS))
 
