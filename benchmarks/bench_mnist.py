@@ -46,6 +46,19 @@ def have_data(data_dir: Path) -> bool:
     return (Path(data_dir) / "train-images-idx3-ubyte.gz").exists()
 
 
+def floats(text: str) -> list[float]:
+    """``"0.02,0.1"`` -> ``[0.02, 0.1]`` (an argparse type)."""
+    return [float(v) for v in text.split(",")]
+
+
+def skip_without_data(data_dir: Path) -> dict | None:
+    """None when ``data_dir`` holds MNIST; else says so and returns the benchmark's "skipped" result."""
+    if have_data(data_dir):
+        return None
+    print(f"skipped: no MNIST IDX files in {data_dir} (pass --data-dir)")
+    return {"skipped": f"no MNIST data in {data_dir}"}
+
+
 def loaders(data_dir: Path, batch_size: int, train_subset: int | None, test_subset: int | None, seed: int):
     """Train / test loaders; subsets are the first N images (MNIST is shuffled already)."""
     train, test = mnist(Path(data_dir), "train"), mnist(Path(data_dir), "t10k")
@@ -164,13 +177,12 @@ def plot(path: str, rows: list[dict], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = parser_with_common(__doc__)
-    parser.add_argument("--gammas", type=lambda s: [float(g) for g in s.split(",")], default=[0.02, 0.1],
+    parser.add_argument("--gammas", type=floats, default=[0.02, 0.1],
                         help="short setting: comma-separated gammas")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not have_data(args.data_dir):
-        print(f"skipped: no MNIST IDX files in {args.data_dir} (pass --data-dir)")
-        return {"skipped": f"no MNIST data in {args.data_dir}"}
+    if skipped := skip_without_data(args.data_dir):
+        return skipped
     cfg = setting(args)
     train_loader, test_loader = loaders(args.data_dir, cfg["batch_size"], cfg["train_subset"], cfg["test_subset"],
                                         args.seed)

@@ -33,10 +33,11 @@ from bench_mnist import (  # noqa: E402
     evaluate_selfcompress,
     fit,
     fixed_bits_callback,
-    have_data,
+    floats,
     loaders,
     packed_file_bytes,
     parser_with_common,
+    skip_without_data,
     state_dict_bytes,
 )
 from bench_peers import params, prune, run_diffq  # noqa: E402
@@ -49,10 +50,6 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
 MARKERS = {"fp32": ("k", "x"), "selfcompress": ("C0", "o"), "fixed-bit QAT": ("C1", "s"), "diffq": ("C2", "^"),
            "torch-pruning + fine-tune": ("C3", "v")}
-
-
-def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
 
 
 def matched(rows: list[dict]) -> None:
@@ -84,9 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not have_data(args.data_dir):
-        print(f"skipped: no MNIST IDX files in {args.data_dir} (pass --data-dir)")
-        return {"skipped": f"no MNIST data in {args.data_dir}"}
+    if skipped := skip_without_data(args.data_dir):
+        return skipped
     if args.smoke:
         cfg = dict(name="smoke", epochs=1, batch_size=128, train_subset=512, test_subset=1000)
         args.gammas, args.bits, args.diffq_penalties, args.pruning_ratios = [0.05], [4], [10], [0.5]

@@ -33,10 +33,10 @@ import torch  # noqa: E402
 from bench_mnist import (  # noqa: E402
     evaluate_selfcompress,
     fit,
-    have_data,
     loaders,
     parser_with_common,
     plot,
+    skip_without_data,
     state_dict_bytes,
 )
 from common import header, write_json  # noqa: E402
@@ -122,9 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--diffq-group-size", type=int, default=8)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not have_data(args.data_dir):
-        print(f"skipped: no MNIST IDX files in {args.data_dir} (pass --data-dir)")
-        return {"skipped": f"no MNIST data in {args.data_dir}"}
+    if skipped := skip_without_data(args.data_dir):
+        return skipped
     if args.smoke:
         cfg = dict(name="smoke", epochs=1, max_steps=-1, ft_epochs=1, ft_steps=-1, batch_size=128,
                    train_subset=512, test_subset=1000)
