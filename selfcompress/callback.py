@@ -25,7 +25,7 @@ from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
 from selfcompress.report import CompressionReport, channel_bits, entropy_size, from_size
 from selfcompress.size import ModelSize, exact_size, open_rows, penalty
 from selfcompress.surgery import RemovalRecord, keep_one_per_group, remove_channels, supported_channels
-from selfcompress.targets import parse_target_size, update_gamma
+from selfcompress.targets import parse_target_size, scheduled_target, update_gamma
 
 METRIC_PREFIX = "selfcompress/"
 
@@ -53,13 +53,22 @@ class SelfCompress(Callback):
             of the float32 size (``"3%"``, ``"0.03x"``); see
             :func:`selfcompress.targets.parse_target_size`. At every optimizer step the
             exact size is measured and ``gamma`` (starting at 0.01) becomes
-            ``gamma * (size / target) ** gamma_rate``, kept in ``[1e-6, 100]``; at or
-            below the target the size term pauses. Giving both ``gamma`` and
+            ``gamma * (size / goal) ** gamma_rate``, kept in ``[1e-6, 100]``; at or
+            below the goal the size term pauses. The goal falls from the starting size to
+            ``target_size`` over the first ``target_ramp`` of training (see
+            :func:`selfcompress.targets.scheduled_target`). Giving both ``gamma`` and
             ``target_size`` is an error.
         gamma_rate: How fast ``gamma`` follows ``target_size`` (per optimizer step).
+        target_ramp: Fraction of the training steps (``trainer.estimated_stepping_batches``)
+            after which the size is steered to ``target_size`` itself; before, to a goal
+            falling towards it, so that the network has time to adapt. ``0`` (or training
+            of unknown length) steers to ``target_size`` from the first step.
         initial_bits: Starting bit depth of every channel.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
+        follow_schedule: Scale both learning rates by the user's learning-rate schedule:
+            by the first optimizer's current ``lr`` over the highest it has had, so that
+            bit depths settle as the weights do (warm-up is not followed).
         eps: Adam epsilon of the bit depths, large on purpose so that they move steadily. Their
             gradients are measured in units of the average channel's size gradient
             (``d penalty / d bits`` averaged over the channels at the first step), so the same
@@ -94,9 +103,11 @@ class SelfCompress(Callback):
         *,
         target_size: int | str | None = None,
         gamma_rate: float = 0.02,
+        target_ramp: float = 0.5,
         initial_bits: float = 8.0,
         bits_lr: float = 0.1,
         exponent_lr: float = 0.05,
+        follow_schedule: bool = True,
         eps: float = 0.1,
         exclude_names: Sequence[str] = (),
         exclude_types: Iterable[type[nn.Module]] = (),
@@ -114,6 +125,9 @@ class SelfCompress(Callback):
         gamma = 0.01 if gamma is None else gamma
         _check_number("gamma", gamma, low=0.0)
         _check_number("gamma_rate", gamma_rate, low=0.0)
+        _check_number("target_ramp", target_ramp, low=0.0, high=1.0)
+        if not isinstance(follow_schedule, bool):
+            raise ValueError(f"`follow_schedule` must be True or False, got {follow_schedule!r}.")
         if target_size is not None:
             parse_target_size(target_size, fp32_bits=2**62, weights=2**40)  # the syntax, before any training
         _check_number("initial_bits", initial_bits, low=1.0, high=16.0)
@@ -134,9 +148,11 @@ class SelfCompress(Callback):
         self.gamma = float(gamma)
         self.target_size = target_size
         self.gamma_rate = float(gamma_rate)
+        self.target_ramp = float(target_ramp)
         self.initial_bits = float(initial_bits)
         self.bits_lr = bits_lr
         self.exponent_lr = exponent_lr
+        self.follow_schedule = follow_schedule
         self.eps = eps
         self.exclude_names = tuple(exclude_names)
         self.exclude_types = tuple(exclude_types)
@@ -157,6 +173,8 @@ class SelfCompress(Callback):
         self._inputs = None
         self._stepped = False
         self._above_target = True
+        self._start_bits: int | None = None  # the size at the first step, where the target's ramp starts
+        self._peak_lr = 0.0  # the highest learning rate the user's first optimizer has had
         self._shrinking = False
         self._resize_hook = None
         self._module: pl.LightningModule | None = None
@@ -244,8 +262,9 @@ class SelfCompress(Callback):
         if not _unscale(params, trainer):
             self._optimizer.zero_grad(set_to_none=True)
             return
+        self._follow_schedule(optimizer)
         bits = [t.quantizer.bits for t in self._tensors]
-        if self.target_size is None or self._steer_towards_target(bits):
+        if self.target_size is None or self._steer_towards_target(bits, trainer):
             size_gradient = torch.autograd.grad(self.gamma * self.penalty(), bits)
             for param, grad in zip(bits, size_gradient, strict=True):
                 param.grad = grad if param.grad is None else param.grad + grad
@@ -386,15 +405,28 @@ class SelfCompress(Callback):
     def _target_bits(self, size: ModelSize) -> int:
         return parse_target_size(self.target_size, size.fp32_bits, size.weights_total)
 
-    def _steer_towards_target(self, bits: list[torch.nn.Parameter]) -> bool:
+    def _follow_schedule(self, optimizer: torch.optim.Optimizer) -> None:
+        """Scale the quantizer's learning rates as the user's schedule has annealed its own."""
+        lr = float(optimizer.param_groups[0]["lr"])
+        self._peak_lr = max(self._peak_lr, lr)
+        factor = schedule_factor(lr, self._peak_lr) if self.follow_schedule else 1.0
+        bits_group, exponent_group = self._optimizer.param_groups
+        bits_group["lr"], exponent_group["lr"] = self.bits_lr * factor, self.exponent_lr * factor
+
+    def _steer_towards_target(self, bits: list[torch.nn.Parameter], trainer: pl.Trainer) -> bool:
         """Update ``gamma`` from the exact size; whether the size term applies this step.
 
-        Above the target the size term applies and ``gamma`` grows; at or below it the
-        term pauses and, on crossing, the bit depths' momentum is cleared so they stop
+        Above the scheduled goal the size term applies and ``gamma`` grows; at or below it
+        the term pauses and, on crossing, the bit depths' momentum is cleared so they stop
         where they are.
         """
         size = self.size()
-        target = self._target_bits(size)
+        if self._start_bits is None:
+            self._start_bits = size.total_bits
+        total = trainer.estimated_stepping_batches
+        ramp = self.target_ramp * total if math.isfinite(total) else 0.0
+        progress = trainer.global_step / ramp if ramp > 0 else 1.0
+        target = scheduled_target(self._start_bits, self._target_bits(size), progress)
         self.gamma = update_gamma(self.gamma, size.total_bits, target, self.gamma_rate)
         above = size.total_bits > target
         if self._above_target and not above:
@@ -495,6 +527,8 @@ class SelfCompress(Callback):
             "history": list(self.history),
             "gamma": self.gamma,
             "above_target": self._above_target,
+            "start_bits": self._start_bits,
+            "peak_lr": self._peak_lr,
             "bits_grad_scale": self._bits_grad_scale,
             "removed": copy.deepcopy(self._removed),
         }
@@ -507,6 +541,8 @@ class SelfCompress(Callback):
         if self.target_size is not None and "gamma" in state_dict:
             self.gamma = float(state_dict["gamma"])  # resume the steering where it was
             self._above_target = bool(state_dict.get("above_target", True))
+            self._start_bits = state_dict.get("start_bits")
+        self._peak_lr = float(state_dict.get("peak_lr", 0.0))
         if state_dict["optimizer"] is not None:
             self._pending_state = {"optimizer": state_dict["optimizer"]}
         self._removed = copy.deepcopy(state_dict.get("removed", {}))
@@ -525,6 +561,13 @@ def bits_gradient_scale(tensors: list[QuantizedTensor], size_penalty: torch.Tens
     grads = torch.autograd.grad(size_penalty, bits)
     mean = float(torch.cat([g.flatten() for g in grads]).mean())
     return 1.0 / mean if mean > 0 else 1.0
+
+
+def schedule_factor(lr: float, peak_lr: float) -> float:
+    """How far a learning-rate schedule has annealed: ``lr / peak_lr`` in ``[0, 1]`` (1 without a peak)."""
+    if not peak_lr > 0:
+        return 1.0
+    return min(max(lr / peak_lr, 0.0), 1.0)
 
 
 def size_figures(size: ModelSize) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Saying the size you want: parsing a target size and steering ``gamma`` towards it.
 
 Pure functions, no state: the callback parses the target once (when it knows the model)
-and updates ``gamma`` from the exact size at the end of each epoch.
+and updates ``gamma`` from the exact size at every optimizer step.
 """
 
 from __future__ import annotations
@@ -123,3 +123,15 @@ def update_gamma(gamma: float, size_bits: float, target_bits: float, rate: float
     log_ratio = math.log(max(size_bits, 1.0)) - math.log(target_bits)
     updated = max(gamma, GAMMA_MIN) * math.exp(min(rate * log_ratio, 700.0))
     return float(min(max(updated, GAMMA_MIN), GAMMA_MAX))
+
+
+def scheduled_target(start_bits: float, target_bits: float, progress: float) -> float:
+    """The size to steer towards at ``progress`` (0 to 1) of the way to ``target_bits``.
+
+    Falls from ``start_bits`` along ``target + (start - target) * (1 - progress) ** 3``,
+    the gradual-pruning schedule of Zhu & Gupta (2017): fast while the network has much
+    to spare, slowly as it nears the target, which it reaches at ``progress = 1`` and
+    keeps after. A ``start_bits`` at or below the target gives the target.
+    """
+    remaining = 1.0 - min(max(progress, 0.0), 1.0)
+    return target_bits + max(start_bits - target_bits, 0.0) * remaining**3

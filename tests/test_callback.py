@@ -7,6 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from selfcompress import SelfCompress, finalize, quantized_tensors
+from selfcompress.callback import schedule_factor
 from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
 
 
@@ -15,7 +16,7 @@ def fit(
 ):
     pl.seed_everything(seed, verbose=False)
     model = Classifier(small_cnn(dropout=dropout), optimizer=optimizer)
-    trainer = tiny_trainer(epochs, callbacks=[callback], **trainer_kwargs)
+    trainer = tiny_trainer(epochs, **({"callbacks": [callback]} | trainer_kwargs))
     trainer.fit(model, random_loader())
     return model, trainer
 
@@ -164,7 +165,7 @@ def test_finalize_after_training_matches_the_trained_model() -> None:
 
 
 def test_target_size_steers_gamma_and_the_report_matches_the_size(capsys) -> None:
-    callback = SelfCompress(target_size="5%")
+    callback = SelfCompress(target_size="5%", target_ramp=0.0)
     fit(callback, epochs=3)
     gammas = [entry["gamma"] for entry in callback.history]
     # Far above the target all along: the size term never pauses and gamma keeps rising.
@@ -181,6 +182,67 @@ def test_target_size_pauses_the_size_term_below_the_target() -> None:
     model, _ = fit(callback, epochs=2)
     assert callback.gamma < 0.01  # below the target from the start: gamma only decays
     assert mean_bits(model) >= 8.0 - 0.5  # and no size pressure moved the bit depths down
+
+
+def test_target_ramp_lowers_the_goal_gradually() -> None:
+    ramped, direct = SelfCompress(target_size="5%", target_ramp=1.0), SelfCompress(target_size="5%", target_ramp=0.0)
+    fit(ramped, epochs=3)
+    fit(direct, epochs=3)
+    # The goal starts at the starting size: gamma grows more slowly and the size falls more slowly.
+    for early, late in zip(ramped.history[:2], direct.history[:2], strict=True):
+        assert early["gamma"] < late["gamma"] and early["size_fraction"] > late["size_fraction"]
+    assert ramped.history[0]["target_fraction"] == direct.history[0]["target_fraction"] == pytest.approx(0.05, abs=1e-4)
+
+
+def test_quantizer_learning_rates_follow_the_user_schedule() -> None:
+    followed, fixed = SelfCompress(gamma=0.1), SelfCompress(gamma=0.1, follow_schedule=False)
+    fit(followed, epochs=3)
+    fit(fixed, epochs=3)
+    # helpers.Classifier: AdamW, cosine over 10 epochs, stepped per epoch; the third epoch runs at lr(2) / lr(0).
+    factor = (1 + math.cos(math.pi * 2 / 10)) / 2
+    bits_group, exponent_group = followed._optimizer.param_groups
+    assert bits_group["lr"] == pytest.approx(0.1 * factor, rel=1e-9)
+    assert exponent_group["lr"] == pytest.approx(0.05 * factor, rel=1e-9)
+    assert [g["lr"] for g in fixed._optimizer.param_groups] == [0.1, 0.05]
+
+
+def test_warm_up_is_not_followed_and_annealing_is() -> None:
+    callback = SelfCompress(gamma=0.1)
+    fit(callback, epochs=3, optimizer="sgd-onecycle")  # 12 steps, stepped per step, rising for the first 30 %
+    shadow = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(shadow, max_lr=0.1, total_steps=12)
+    lrs = []
+    for _ in range(12):  # the lr of each of the 12 steps, as the callback saw it before the step
+        lrs.append(shadow.param_groups[0]["lr"])
+        shadow.step()
+        schedule.step()
+    assert callback._optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * lrs[-1] / max(lrs), rel=1e-9)
+    assert [schedule_factor(lr, max(lrs[: i + 1])) for i, lr in enumerate(lrs[:3])] == [1.0, 1.0, 1.0]
+
+
+def test_schedule_factor_is_the_fraction_of_the_peak() -> None:
+    assert schedule_factor(0.05, 0.1) == 0.5
+    assert schedule_factor(0.2, 0.1) == 1.0 and schedule_factor(0.0, 0.1) == 0.0
+    assert schedule_factor(0.01, 0.0) == 1.0  # no peak yet: nothing to follow
+
+
+def test_resume_in_target_mode_equals_the_uninterrupted_run(tmp_path) -> None:
+    # The goal's ramp and the followed schedule resume where they were.
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    full_callback = SelfCompress(target_size="20%", target_ramp=1.0, ramp_steps=3)
+    full, _ = fit(
+        full_callback, epochs=4, dropout=0.0, callbacks=[full_callback, every_epoch], enable_checkpointing=True
+    )
+
+    pl.seed_everything(123, verbose=False)
+    resumed = Classifier(small_cnn(dropout=0.0))
+    resumed_callback = SelfCompress(target_size="20%", target_ramp=1.0, ramp_steps=3)
+    tiny_trainer(4, callbacks=[resumed_callback]).fit(resumed, random_loader(), ckpt_path=tmp_path / "epoch=1.ckpt")
+
+    assert resumed_callback.gamma == full_callback.gamma
+    assert resumed_callback._optimizer.param_groups[0]["lr"] == full_callback._optimizer.param_groups[0]["lr"] < 0.1
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from selfcompress.targets import GAMMA_MAX, GAMMA_MIN, parse_target_size, update_gamma
+from selfcompress.targets import GAMMA_MAX, GAMMA_MIN, parse_target_size, scheduled_target, update_gamma
 
 FP32_BITS = 32 * 10_000
 WEIGHTS = 9_000
@@ -134,3 +134,17 @@ def test_update_moves_gamma_towards_the_target_and_stays_in_range(gamma, size, t
         assert updated >= start * (1 - 1e-12)
     elif size < target:
         assert updated <= start * (1 + 1e-12)
+
+
+def test_scheduled_target_falls_from_the_start_to_the_target_and_stays() -> None:
+    assert scheduled_target(1000.0, 100.0, 0.0) == 1000.0
+    assert scheduled_target(1000.0, 100.0, 0.5) == 100.0 + 900.0 * 0.125
+    assert scheduled_target(1000.0, 100.0, 1.0) == scheduled_target(1000.0, 100.0, 7.0) == 100.0
+    assert scheduled_target(50.0, 100.0, 0.2) == 100.0  # already below: the target itself
+
+
+@given(start=st.floats(1.0, 1e12), target=st.floats(1.0, 1e12), a=st.floats(-1.0, 2.0), b=st.floats(-1.0, 2.0))
+def test_scheduled_target_never_rises_and_stays_between_target_and_start(start, target, a, b) -> None:
+    early, late = sorted((a, b))
+    assert scheduled_target(start, target, early) >= scheduled_target(start, target, late)
+    assert target <= scheduled_target(start, target, late) <= max(start, target)
