@@ -234,13 +234,15 @@ def label(row: dict) -> str:
 
 def plot(path: str, rows: list[dict], title: str) -> None:
     with size_accuracy_axes(path, title, "% of fp32 bits (log)", "CIFAR-10 test accuracy (%)",
-                            legend="lower right") as ax:
+                            legend="lower left") as ax:
         xs, ys = zip(*PAPER_POINTS, strict=True)
         ax.plot(xs, ys, "k*--", label="paper, self-compression (read off Fig. 3; full net, ~850 epochs)")
         ax.scatter(*PAPER_DIFFQ, marker="P", c="grey", s=70, label="paper, DiffQ at fp32 accuracy (Fig. 3)")
         for row in rows:
             ax.scatter(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], s=45,
                        label=f"{label(row)} (measured)")
+        lowest = min([100 * row["accuracy"] for row in rows] + list(ys))
+        ax.set_ylim(bottom=lowest - (100 - lowest), top=100)  # room for the legend below the points
 
 
 def print_table(cfg: dict, rows: list[dict]) -> None:
