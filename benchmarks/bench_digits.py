@@ -1,6 +1,6 @@
 """Digits CNN: accuracy and exact size with SelfCompress against the same net in fp32.
 
-python benchmarks/bench_digits.py --epochs 60 --gamma 0.06 --seeds 5 --out digits.json
+python benchmarks/bench_digits.py --epochs 60 --gamma 0.09 --seeds 5 --out digits.json
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import selfcompress  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--gamma", type=float, default=0.06)
+    parser.add_argument("--gamma", type=float, default=0.09)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--bn-batches", type=int, default=16, help="SelfCompress(bn_batches=...); 0 turns it off")

@@ -3,7 +3,7 @@
 Needs no download. Prints the size table and the test accuracy before and after
 compression::
 
-    python examples/digits.py --epochs 60 --gamma 0.06
+    python examples/digits.py --epochs 60 --gamma 0.09
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def train(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--gamma", type=float, default=0.06)
+    parser.add_argument("--gamma", type=float, default=0.09)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the compression report's PNG here")
     args = parser.parse_args()
