@@ -407,9 +407,11 @@ class SelfCompress(Callback):
 
     def _follow_schedule(self, optimizer: torch.optim.Optimizer) -> None:
         """Scale the quantizer's learning rates as the user's schedule has annealed its own."""
+        if not self.follow_schedule:
+            return
         lr = float(optimizer.param_groups[0]["lr"])
         self._peak_lr = max(self._peak_lr, lr)
-        factor = schedule_factor(lr, self._peak_lr) if self.follow_schedule else 1.0
+        factor = schedule_factor(lr, self._peak_lr)
         bits_group, exponent_group = self._optimizer.param_groups
         bits_group["lr"], exponent_group["lr"] = self.bits_lr * factor, self.exponent_lr * factor
 
