@@ -12,7 +12,8 @@ decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (de
 - ``--cpu30`` (about 30 minutes a run on 2 cores): width 1/4, 30 epochs of all 50,000
   images (flip / pad-4 crop), all 10,000 test images, bfloat16 autocast with channels-last
   inputs (faster than float32 on a CPU with bfloat16 units), runs fp32, ``target:5%``,
-  ``target:2%`` and ``bits:4``; ``--runs`` picks others, ``--combine`` merges the JSON of
+  ``target:2%`` and ``bits:4``; ``--runs`` picks others (a SelfCompress run may set
+  options after commas: ``target:5%,initial_bits=2``), ``--combine`` merges the JSON of
   runs made in separate processes;
 - ``--full`` (GPU; not feasible on CPU): width 1 (about 6.57M weights), 200 epochs of the
   50,000 images with flip / pad-4 crop, all 10,000 test images, gammas 0.0025 to 0.06;
@@ -171,25 +172,49 @@ class AugmentedClassifier(Classifier):
         return super().training_step((x, y), batch_idx)
 
 
+#: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=2``.
+RUN_OPTIONS = ("initial_bits", "bits_lr", "exponent_lr", "target_ramp")
+
+
 def parse_run(spec: str) -> tuple[str, str | float | None]:
-    """``fp32``, ``gamma:0.02``, ``target:5%`` or ``bits:4`` -> (kind, value)."""
-    kind, _, value = spec.partition(":")
-    if kind == "fp32" and not value:
+    """``fp32``, ``gamma:0.02``, ``target:5%`` or ``bits:4`` (options after a comma aside) -> (kind, value)."""
+    base = spec.partition(",")[0]
+    options = run_options(spec)
+    kind, _, value = base.partition(":")
+    if kind == "fp32" and not value and not options:
         return "fp32", None
-    if kind == "gamma" or kind == "bits":
+    if kind == "gamma" or (kind == "bits" and not options):
         return kind, float(value)
     if kind == "target" and value:
         return "target", value
-    raise ValueError(f"`--runs` entry {spec!r} is not one of fp32, gamma:<float>, target:<size>, bits:<int>.")
+    raise ValueError(f"`--runs` entry {spec!r} is not one of fp32, gamma:<float>, target:<size>, bits:<int>, "
+                     f"gamma and target optionally followed by ,<option>=<number> "
+                     f"with options {', '.join(RUN_OPTIONS)}.")
 
 
-def compressor(kind: str, value) -> selfcompress.SelfCompress | None:
+def run_options(spec: str) -> dict[str, float]:
+    """The ``,name=value`` options of a run entry, as SelfCompress keyword arguments."""
+    options = {}
+    for item in spec.split(",")[1:]:
+        name, _, value = item.partition("=")
+        try:
+            options[name] = float(value)
+        except ValueError:
+            name = None
+        if name not in RUN_OPTIONS:
+            raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<number> with an option "
+                             f"among {', '.join(RUN_OPTIONS)}.")
+    return options
+
+
+def compressor(kind: str, value, options: dict[str, float] | None = None) -> selfcompress.SelfCompress | None:
+    options = options or {}
     if kind == "fp32":
         return None
     if kind == "gamma":
-        return make_callback(value)
+        return make_callback(value, **options)
     if kind == "target":
-        return make_callback(None, target_size=value)
+        return make_callback(None, target_size=value, **options)
     return fixed_bits_callback(int(value))
 
 
@@ -197,7 +222,7 @@ def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):
     """Train one run; returns model, callback (or None), per-epoch probe rows, seconds, steps."""
     pl.seed_everything(seed, verbose=False)
     model = AugmentedClassifier(resnet9(cfg["width"]), cfg["augment"], cfg["channels_last"], lr=cfg["lr"])
-    callback = compressor(*parse_run(spec))
+    callback = compressor(*parse_run(spec), run_options(spec))
     probe = EvalVersusReestimated(*probe_loaders, callback, reestimate_batches=cfg["probe_batches"])
     trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=([callback] if callback else []) + [probe],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -228,8 +253,9 @@ def setting(args) -> dict:
 
 
 def label(row: dict) -> str:
-    return {"fp32": "fp32", "gamma": "SelfCompress gamma {}", "target": "SelfCompress target {}",
+    name = {"fp32": "fp32", "gamma": "SelfCompress gamma {}", "target": "SelfCompress target {}",
             "bits": "fixed {:g}-bit QAT"}[row["kind"]].format(row["value"])
+    return name + "".join(f", {key} {value:g}" for key, value in row.get("options", {}).items())
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
@@ -330,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in specs:
         kind, value = parse_run(spec)
         model, callback, epochs, seconds, steps = fit(train_loader, probe_loaders, cfg, spec, args.seed)
-        row = dict(kind=kind, value=value, steps=steps, seconds=seconds, accuracy=accuracy(model, test_loader),
+        row = dict(kind=kind, value=value, options=run_options(spec), steps=steps, seconds=seconds,
+                   accuracy=accuracy(model, test_loader),
                    epochs=epochs)
         if callback is None:
             row.update(bytes=4 * fp32_params, fraction_of_fp32_bits=1.0, params=fp32_params)
