@@ -13,7 +13,7 @@ decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (de
   images (flip / pad-4 crop), all 10,000 test images, bfloat16 autocast with channels-last
   inputs (faster than float32 on a CPU with bfloat16 units), runs fp32, ``target:5%``,
   ``target:2%`` and ``bits:4``; ``--runs`` picks others (a SelfCompress run may set
-  options after commas: ``target:5%,initial_bits=2``), ``--combine`` merges the JSON of
+  options after commas: ``target:5%,initial_bits=3``), ``--combine`` merges the JSON of
   runs made in separate processes;
 - ``--full`` (GPU; not feasible on CPU): width 1 (about 6.57M weights), 200 epochs of the
   50,000 images with flip / pad-4 crop, all 10,000 test images, gammas 0.0025 to 0.06;
@@ -172,43 +172,37 @@ class AugmentedClassifier(Classifier):
         return super().training_step((x, y), batch_idx)
 
 
-#: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=2``.
+#: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=3``.
 RUN_OPTIONS = ("initial_bits", "bits_lr", "exponent_lr", "target_ramp")
 
 
-def parse_run(spec: str) -> tuple[str, str | float | None]:
-    """``fp32``, ``gamma:0.02``, ``target:5%`` or ``bits:4`` (options after a comma aside) -> (kind, value)."""
-    base = spec.partition(",")[0]
-    options = run_options(spec)
+def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float]]:
+    """``fp32``, ``gamma:0.02``, ``target:5%`` or ``bits:4``, then ``,name=value`` options -> (kind, value, options)."""
+    base, *items = spec.split(",")
+    options = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if name not in RUN_OPTIONS or number is None:
+            raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<number> with an option "
+                             f"among {', '.join(RUN_OPTIONS)}.")
+        options[name] = number
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
-        return "fp32", None
+        return "fp32", None, options
     if kind == "gamma" or (kind == "bits" and not options):
-        return kind, float(value)
+        return kind, float(value), options
     if kind == "target" and value:
-        return "target", value
+        return "target", value, options
     raise ValueError(f"`--runs` entry {spec!r} is not one of fp32, gamma:<float>, target:<size>, bits:<int>, "
                      f"gamma and target optionally followed by ,<option>=<number> "
                      f"with options {', '.join(RUN_OPTIONS)}.")
 
 
-def run_options(spec: str) -> dict[str, float]:
-    """The ``,name=value`` options of a run entry, as SelfCompress keyword arguments."""
-    options = {}
-    for item in spec.split(",")[1:]:
-        name, _, value = item.partition("=")
-        try:
-            options[name] = float(value)
-        except ValueError:
-            name = None
-        if name not in RUN_OPTIONS:
-            raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<number> with an option "
-                             f"among {', '.join(RUN_OPTIONS)}.")
-    return options
-
-
-def compressor(kind: str, value, options: dict[str, float] | None = None) -> selfcompress.SelfCompress | None:
-    options = options or {}
+def compressor(kind: str, value, options: dict[str, float]) -> selfcompress.SelfCompress | None:
     if kind == "fp32":
         return None
     if kind == "gamma":
@@ -222,7 +216,7 @@ def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):
     """Train one run; returns model, callback (or None), per-epoch probe rows, seconds, steps."""
     pl.seed_everything(seed, verbose=False)
     model = AugmentedClassifier(resnet9(cfg["width"]), cfg["augment"], cfg["channels_last"], lr=cfg["lr"])
-    callback = compressor(*parse_run(spec), run_options(spec))
+    callback = compressor(*parse_run(spec))
     probe = EvalVersusReestimated(*probe_loaders, callback, reestimate_batches=cfg["probe_batches"])
     trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=([callback] if callback else []) + [probe],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -354,9 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"benchmark": "cifar", "setting": cfg, "paper_points_percent_bits_accuracy": PAPER_POINTS, "runs": [],
                "full_setting_run": bool(args.full)}
     for spec in specs:
-        kind, value = parse_run(spec)
+        kind, value, options = parse_run(spec)
         model, callback, epochs, seconds, steps = fit(train_loader, probe_loaders, cfg, spec, args.seed)
-        row = dict(kind=kind, value=value, options=run_options(spec), steps=steps, seconds=seconds,
+        row = dict(kind=kind, value=value, options=options, steps=steps, seconds=seconds,
                    accuracy=accuracy(model, test_loader),
                    epochs=epochs)
         if callback is None:

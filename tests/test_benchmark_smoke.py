@@ -119,10 +119,9 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
 
 def test_cifar_run_entries_are_checked() -> None:
     parse_run = load("bench_cifar").parse_run
-    assert parse_run("target:5%") == ("target", "5%") and parse_run("bits:4") == ("bits", 4.0)
-    assert parse_run("target:5%,initial_bits=2") == ("target", "5%")
-    assert load("bench_cifar").run_options("target:5%,initial_bits=2,bits_lr=0.05") == {"initial_bits": 2.0,
-                                                                                       "bits_lr": 0.05}
+    assert parse_run("target:5%") == ("target", "5%", {}) and parse_run("bits:4") == ("bits", 4.0, {})
+    assert parse_run("target:5%,initial_bits=2,bits_lr=0.05") == ("target", "5%", {"initial_bits": 2.0,
+                                                                                  "bits_lr": 0.05})
     for bad in ("gama:0.1", "bits:4,initial_bits=2", "target:5%,initial_bit=2", "target:5%,initial_bits=two"):
         with pytest.raises(ValueError, match=repr(bad)):
             parse_run(bad)
