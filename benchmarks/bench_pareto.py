@@ -75,7 +75,7 @@ def plot(path: str, rows: list[dict], title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = parser_with_common(__doc__)
-    parser.add_argument("--gammas", type=floats, default=[0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.08])
+    parser.add_argument("--gammas", type=floats, default=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08])
     parser.add_argument("--bits", type=floats, default=[8, 4, 2], help="fixed-bit QAT depths")
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])

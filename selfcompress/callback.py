@@ -21,7 +21,7 @@ from selfcompress.checkpoint import accept_state_dict, plain_state_dict
 from selfcompress.finalize import compressed, silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
-from selfcompress.layers import QuantizedTensor, prepare, quantized_tensors
+from selfcompress.layers import INITIAL_BITS, QuantizedTensor, prepare, quantized_tensors
 from selfcompress.report import CompressionReport, channel_bits, entropy_size, from_size
 from selfcompress.size import ModelSize, exact_size, open_rows, penalty
 from selfcompress.surgery import RemovalRecord, keep_one_per_group, remove_channels, supported_channels
@@ -63,7 +63,9 @@ class SelfCompress(Callback):
             after which the size is steered to ``target_size`` itself; before, to a goal
             falling towards it, so that the network has time to adapt. ``0`` (or training
             of unknown length) steers to ``target_size`` from the first step.
-        initial_bits: Starting bit depth of every channel.
+        initial_bits: Starting bit depth of every channel (3: measured better than 8 on every
+            benchmark, smaller at equal or better accuracy). Raise it (say to 8) to start a
+            pretrained network from almost exactly its own output.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
         follow_schedule: Scale both learning rates by the user's learning-rate schedule:
@@ -104,7 +106,7 @@ class SelfCompress(Callback):
         target_size: int | str | None = None,
         gamma_rate: float = 0.02,
         target_ramp: float = 0.5,
-        initial_bits: float = 8.0,
+        initial_bits: float = INITIAL_BITS,
         bits_lr: float = 0.1,
         exponent_lr: float = 0.05,
         follow_schedule: bool = True,

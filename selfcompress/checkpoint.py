@@ -16,7 +16,7 @@ from collections.abc import Mapping, MutableMapping
 import torch
 from torch import Tensor, nn
 
-from selfcompress.layers import ChannelQuantizer, QuantizedTensor, quantized_tensors
+from selfcompress.layers import INITIAL_BITS, ChannelQuantizer, QuantizedTensor, quantized_tensors
 from selfcompress.surgery import RemovalRecord, resize_to_state_dict
 
 #: The value a removed channel's entry takes when padded back, by state-dict name ending
@@ -99,7 +99,7 @@ def plain_state_dict(
 
 @torch.no_grad()
 def accept_state_dict(
-    model: nn.Module, state_dict: MutableMapping[str, Tensor], prefix: str = "", initial_bits: float = 8.0
+    model: nn.Module, state_dict: MutableMapping[str, Tensor], prefix: str = "", initial_bits: float = INITIAL_BITS
 ) -> None:
     """Make a prepared ``model`` ready to load ``state_dict`` strictly; edits ``state_dict`` in place.
 

@@ -33,6 +33,12 @@ def compressible_weights(module: nn.Module) -> list[str]:
     return [attr for attr in attrs if isinstance(getattr(module, attr, None), nn.Parameter)]
 
 
+#: Starting bit depth of every channel. Measured better than 8 on every benchmark (digits,
+#: MNIST, CIFAR-10, a wide MLP): from 8 bits the depths spend training falling and settle
+#: with a fine grid and a clipped range (about 5 bits in an MLP), from 3 they start with the
+#: coarse grid and full range that the size term is heading for.
+INITIAL_BITS = 3.0
+
 _BIAS_OF = {"weight": "bias", "in_proj_weight": "in_proj_bias"}
 
 
@@ -113,7 +119,7 @@ def quantizer_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 def prepare(
     model: nn.Module,
     *,
-    initial_bits: float = 8.0,
+    initial_bits: float = INITIAL_BITS,
     exclude_names: Sequence[str] = (),
     exclude_types: Iterable[type[nn.Module]] = (),
 ) -> list[QuantizedTensor]:

@@ -134,4 +134,5 @@ def scheduled_target(start_bits: float, target_bits: float, progress: float) -> 
     keeps after. A ``start_bits`` at or below the target gives the target.
     """
     remaining = 1.0 - min(max(progress, 0.0), 1.0)
-    return target_bits + max(start_bits - target_bits, 0.0) * remaining**3
+    goal = target_bits + max(start_bits - target_bits, 0.0) * remaining**3
+    return min(goal, max(start_bits, target_bits))  # never above the start, even by a float rounding

@@ -39,7 +39,7 @@ def trained():
     model.train()
     model(x)
     model.eval()
-    t = prepare(model)
+    t = prepare(model, initial_bits=8)  # exponents for 8-bit codes: the depths set below decide the widths
     with torch.no_grad():
         t[0].quantizer.bits[:] = 3
         t[0].quantizer.bits[[2, 5]] = -1  # closed, removed with the depthwise channels

@@ -181,11 +181,13 @@ def test_target_size_pauses_the_size_term_below_the_target() -> None:
     callback = SelfCompress(target_size="99%")
     model, _ = fit(callback, epochs=2)
     assert callback.gamma < 0.01  # below the target from the start: gamma only decays
-    assert mean_bits(model) >= 8.0 - 0.5  # and no size pressure moved the bit depths down
+    assert mean_bits(model) >= callback.initial_bits - 0.5  # and no size pressure moved the bit depths down
 
 
 def test_target_ramp_lowers_the_goal_gradually() -> None:
-    ramped, direct = SelfCompress(target_size="5%", target_ramp=1.0), SelfCompress(target_size="5%", target_ramp=0.0)
+    # From 8 bits the exact size moves within 3 epochs (from 3 bits a fraction of a bit changes no code width).
+    ramped = SelfCompress(target_size="5%", target_ramp=1.0, initial_bits=8)
+    direct = SelfCompress(target_size="5%", target_ramp=0.0, initial_bits=8)
     fit(ramped, epochs=3)
     fit(direct, epochs=3)
     # The goal starts at the starting size: gamma grows more slowly and the size falls more slowly.

@@ -47,7 +47,7 @@ def trained_net(seed: int = 0):
     model.train()
     model(x)  # non-trivial batch-norm statistics
     model.eval()
-    tensors = prepare(model)
+    tensors = prepare(model, initial_bits=8)  # exponents for 8-bit codes: the depths set below decide the widths
     conv0, dw, conv6, head = tensors
     with torch.no_grad():
         for t in (conv0, dw):  # close channels 1 and 4 of the first group
