@@ -73,7 +73,7 @@ def run(mode: str, epochs: int, width: int, gamma: float, seed: int) -> dict:
     return result
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+def plot(results: dict[str, dict], path: Path, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +84,7 @@ def plot(results: dict[str, dict], path: Path) -> None:
         seconds = result["epoch_seconds"]
         axis.plot(range(1, len(seconds) + 1), seconds, marker=".", label=f"{mode} ({result['total_seconds']:.0f} s)")
     axis.set_xlabel("epoch")
-    axis.set_ylabel("epoch CPU time (s, 1 thread)")
+    axis.set_ylabel(f"epoch CPU time (s, {threads} thread(s))")
     axis.set_title("Digits CNN: shrinking while training vs masking")
     axis.grid(alpha=0.3)
     axis.legend()
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                "shrink_over_mask": shrink["total_seconds"] / mask["total_seconds"]}  # fmt: skip
     write_json(args.out, summary)
     if args.plot:
-        plot(results, Path(args.plot))
+        plot(results, Path(args.plot), args.threads)
     return summary
 
 
