@@ -66,7 +66,7 @@ class SelfCompress(Callback):
         initial_bits: Starting bit depth of every channel (3: measured better than 8 on every
             benchmark but one, smaller at equal or better accuracy). Raise it (say to 8) to
             start a pretrained network from almost exactly its own output, or for a network
-            made mostly of depthwise convolutions (the one benchmark where 8 kept more).
+            made mostly of depthwise convolutions (where 8 kept about a point more).
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
         follow_schedule: Scale both learning rates by the user's learning-rate schedule:
