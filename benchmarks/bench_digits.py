@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gamma", type=float, default=0.09)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--bn-batches", type=int, default=16, help="SelfCompress(bn_batches=...); 0 turns it off")
+    parser.add_argument("--bn-samples", type=int, default=2048, help="SelfCompress(bn_samples=...); 0 turns it off")
     parser.add_argument("--smoke", action="store_true", help="two epochs, to check the script runs")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         start = time.perf_counter()
         baseline, baseline_acc, _ = train(epochs, gamma=None, seed=seed)
-        compressed, compressed_acc, callback = train(epochs, gamma=args.gamma, seed=seed, bn_batches=args.bn_batches)
+        compressed, compressed_acc, callback = train(epochs, gamma=args.gamma, seed=seed, bn_samples=args.bn_samples)
         size = callback.size()
         compact_acc = accuracy(selfcompress.finalize(compressed.net), digits_loaders(seed=seed)[1])
         fp32_bytes = 4 * sum(p.numel() for p in baseline.parameters())
@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(f"seed {seed} done: {rows[-1]}", flush=True)
     print(header())
-    print(f"digits CNN, {epochs} epochs, gamma {args.gamma}, bn_batches {args.bn_batches}")
+    print(f"digits CNN, {epochs} epochs, gamma {args.gamma}, bn_samples {args.bn_samples}")
     print(f"{'seed':>4} {'fp32 acc':>9} {'compressed':>11} {'finalized':>10} {'exact bytes':>12} {'of fp32':>8}")
     for r in rows:
         print(
             f"{r['seed']:>4} {r['fp32_accuracy']:>9.2%} {r['accuracy']:>11.2%} {r['finalized_accuracy']:>10.2%} "
             f"{r['exact_bytes']:>12,} {r['fraction']:>8.2%}"
         )
-    results = {"epochs": epochs, "gamma": args.gamma, "bn_batches": args.bn_batches, "runs": rows}
+    results = {"epochs": epochs, "gamma": args.gamma, "bn_samples": args.bn_samples, "runs": rows}
     write_json(args.out, results)
     return results
 

@@ -8,6 +8,7 @@ recorded inputs with the weights as they are now.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,3 +81,42 @@ def reestimate_batch_norm(model: nn.Module, inputs: Sequence[ForwardInputs]) -> 
 def detach_inputs(value: Any) -> Any:
     """``value`` with every tensor in it detached (references, not copies), through lists, tuples and dicts."""
     return map_tensors(torch.Tensor.detach, value)
+
+
+def sample_count(inputs: ForwardInputs) -> int:
+    """Samples in one forward call: the first dimension of its first tensor of at least one dimension (1 if none)."""
+    found: list[int] = []
+    map_tensors(lambda t: found.append(t.shape[0]) if t.dim() > 0 else None, inputs)
+    return found[0] if found else 1
+
+
+class RecentInputs:
+    """The inputs of the most recent forward calls that together hold at least ``samples`` samples.
+
+    Whole calls are kept (as given, no copies); the oldest is dropped once the others hold
+    ``samples`` without it.
+    """
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+        self._calls: deque[tuple[ForwardInputs, int]] = deque()
+        self._held = 0
+
+    def add(self, inputs: ForwardInputs) -> None:
+        count = sample_count(inputs)
+        self._calls.append((inputs, count))
+        self._held += count
+        while self._held - self._calls[0][1] >= self.samples:
+            self._held -= self._calls.popleft()[1]
+
+    def clear(self) -> None:
+        self._calls.clear()
+        self._held = 0
+
+    @property
+    def inputs(self) -> list[ForwardInputs]:
+        """The kept calls, oldest first."""
+        return [inputs for inputs, _ in self._calls]
+
+    def __len__(self) -> int:
+        return len(self._calls)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from selfcompress.batchnorm import ForwardInputs, batch_norms, detach_inputs, reestimate_batch_norm
+from selfcompress.batchnorm import RecentInputs, batch_norms, detach_inputs, reestimate_batch_norm
 from selfcompress.checkpoint import accept_state_dict, plain_state_dict
 from selfcompress.finalize import compressed, silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
@@ -87,13 +86,15 @@ class SelfCompress(Callback):
             masked until :func:`~selfcompress.finalize`. Under multi-process strategies
             (DDP) channels are masked only.
         print_report: Print the compression report once at the end of ``fit`` (rank 0).
-        bn_batches: Batch-norm running statistics are re-estimated with the current
-            quantized weights, on the network's inputs of the last ``bn_batches`` training
-            batches of the epoch, before every validation during ``fit``, at each epoch's
-            end (before checkpoints are written) and at the end of training, so that the
-            model in eval mode is the model that trained. The inputs are kept as references
-            (no copies); dropout runs as in training, on a forked random state. ``0`` turns
-            this off.
+        bn_samples: Batch-norm running statistics are re-estimated with the current
+            quantized weights, on the network's inputs of the epoch's last training batches
+            holding at least ``bn_samples`` samples (whole batches, counted along the first
+            dimension of the first input tensor), before every validation during ``fit``, at
+            each epoch's end (before checkpoints are written) and at the end of training, so
+            that the model in eval mode is the model that trained. The inputs are kept as
+            references (no copies); dropout runs as in training, on a forked random state.
+            ``0`` turns this off. Counted in samples, not batches: the estimate's noise
+            depends on the samples, the memory it holds too.
 
     Raises:
         ValueError: An argument out of range (at construction), or a model with nothing to
@@ -118,7 +119,7 @@ class SelfCompress(Callback):
         ramp_steps: int = 100,
         shrink_every: int | Literal["epoch"] | None = "epoch",
         print_report: bool = True,
-        bn_batches: int = 16,
+        bn_samples: int = 2048,
     ) -> None:
         if gamma is not None and target_size is not None:
             raise ValueError(
@@ -144,8 +145,8 @@ class SelfCompress(Callback):
             shrink_every is None or shrink_every == "epoch" or (isinstance(shrink_every, int) and shrink_every >= 1)
         ):
             raise ValueError(f"`shrink_every` must be 'epoch', an int >= 1 or None, got {shrink_every!r}.")
-        if not (isinstance(bn_batches, int) and not isinstance(bn_batches, bool) and bn_batches >= 0):
-            raise ValueError(f"`bn_batches` must be an int >= 0 (0 turns re-estimation off), got {bn_batches!r}.")
+        if not (isinstance(bn_samples, int) and not isinstance(bn_samples, bool) and bn_samples >= 0):
+            raise ValueError(f"`bn_samples` must be an int >= 0 (0 turns re-estimation off), got {bn_samples!r}.")
         if isinstance(exclude_names, str):
             raise ValueError(f"`exclude_names` must be a sequence of names, got the string {exclude_names!r}.")
         self.gamma = float(gamma)
@@ -183,9 +184,9 @@ class SelfCompress(Callback):
         self._module: pl.LightningModule | None = None
         self._bits_grad_scale: float | None = None
         self._removed: RemovalRecord = {}  # what shrinking removed, by state-dict name in the LightningModule
-        self.bn_batches = bn_batches
+        self.bn_samples = bn_samples
         # Recent training inputs of the module replayed for batch norms (of every module in the first batch).
-        self._recent_inputs: dict[nn.Module, deque[ForwardInputs]] = {}
+        self._recent_inputs: dict[nn.Module, RecentInputs] = {}
         self._input_hooks: list[Any] = []
         self._watched: nn.Module | None = None  # the module whose inputs are replayed; None: not chosen yet
         self._nothing_to_watch = False
@@ -340,7 +341,7 @@ class SelfCompress(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.bn_batches:
+        if self.bn_samples:
             self._watch_inputs(pl_module)
             self._recording_inputs = True
 
@@ -363,7 +364,7 @@ class SelfCompress(Callback):
         if self._input_hooks or self._nothing_to_watch:
             return
         modules = [self._watched] if self._watched is not None else list(pl_module.modules())
-        self._recent_inputs = {m: self._recent_inputs.get(m, deque(maxlen=self.bn_batches)) for m in modules}
+        self._recent_inputs = {m: self._recent_inputs.get(m, RecentInputs(self.bn_samples)) for m in modules}
         self._input_hooks = [m.register_forward_pre_hook(self._remember_inputs, with_kwargs=True) for m in modules]
 
     def _choose_watched(self, pl_module: pl.LightningModule) -> None:
@@ -379,7 +380,7 @@ class SelfCompress(Callback):
         if wanted and found is None:
             rank_zero_warn(
                 "SelfCompress found no module whose forward runs every batch norm in training, so their running "
-                "statistics are not re-estimated for the quantized weights. `bn_batches=0` silences this."
+                "statistics are not re-estimated for the quantized weights. `bn_samples=0` silences this."
             )
         self._watched, self._nothing_to_watch = found, found is None or not wanted
         self._recent_inputs = {found: recent} if found is not None else {}
@@ -387,7 +388,7 @@ class SelfCompress(Callback):
     def _remember_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Lightning's DDP wrapper points a module's forward at training_step: not replayable inputs.
         if self._recording_inputs and module.training and torch.is_grad_enabled() and "forward" not in vars(module):
-            self._recent_inputs[module].append(detach_inputs((args, kwargs)))
+            self._recent_inputs[module].add(detach_inputs((args, kwargs)))
 
     def _stop_watching_inputs(self) -> None:
         for handle in self._input_hooks:
@@ -402,7 +403,7 @@ class SelfCompress(Callback):
         if not recent or self._bn_step == trainer.global_step:
             return
         with trainer.precision_plugin.forward_context():
-            reestimate_batch_norm(self._watched, list(recent))
+            reestimate_batch_norm(self._watched, recent.inputs)
         self._bn_step = trainer.global_step
 
     def _target_bits(self, size: ModelSize) -> int:

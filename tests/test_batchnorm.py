@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from selfcompress import SelfCompress
-from selfcompress.batchnorm import batch_norms, reestimate_batch_norm
+from selfcompress.batchnorm import RecentInputs, batch_norms, reestimate_batch_norm, sample_count
 from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
 
 #: Eval outputs of the trained model against its re-estimated twin: relative to the output scale.
@@ -30,10 +30,11 @@ def eval_outputs(net: nn.Module) -> torch.Tensor:
         return torch.cat([net(x) for x, _ in random_loader()])
 
 
-def reestimated_twin(net: nn.Module) -> nn.Module:
-    """A copy of ``net`` with batch-norm statistics re-estimated on all training batches."""
+def reestimated_twin(net: nn.Module, last_batches: int | None = None) -> nn.Module:
+    """A copy of ``net`` with batch-norm statistics re-estimated on the last training batches (all by default)."""
     twin = copy.deepcopy(net)
-    reestimate_batch_norm(twin, [((x,), {}) for x, _ in random_loader()])
+    batches = [((x,), {}) for x, _ in random_loader()]
+    reestimate_batch_norm(twin, batches[-last_batches:] if last_batches else batches)
     return twin
 
 
@@ -88,15 +89,15 @@ def test_eval_model_is_the_model_that_trained() -> None:
 
 def test_without_reestimation_the_eval_model_is_stale() -> None:
     # The same fit with re-estimation off: what the previous test guards against.
-    model, _ = fit(SelfCompress(gamma=0.5, bits_lr=0.5, bn_batches=0))
+    model, _ = fit(SelfCompress(gamma=0.5, bits_lr=0.5, bn_samples=0))
     gap = relative_gap(eval_outputs(model.net), eval_outputs(reestimated_twin(model.net)))
     assert gap > 0.05
 
 
 def test_reestimation_does_not_change_training() -> None:
     # With dropout: the re-estimation pass must not move the random state the training draws from.
-    on, _ = fit(SelfCompress(gamma=0.5, bn_batches=8))
-    off, _ = fit(SelfCompress(gamma=0.5, bn_batches=0))
+    on, _ = fit(SelfCompress(gamma=0.5, bn_samples=8))
+    off, _ = fit(SelfCompress(gamma=0.5, bn_samples=0))
     for (name, actual), expected in zip(on.named_parameters(), off.parameters(), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, msg=name)
 
@@ -158,10 +159,39 @@ def test_resume_equals_the_uninterrupted_run_with_running_statistics(tmp_path) -
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("bn_batches", [-1, 1.5, True, "8", None])
-def test_bad_bn_batches_is_refused(bn_batches) -> None:
-    with pytest.raises(ValueError, match="`bn_batches` must be an int >= 0"):
-        SelfCompress(bn_batches=bn_batches)
+def test_statistics_come_from_the_last_batches_holding_bn_samples() -> None:
+    # Batches of 16: 20 samples need the last two batches of the epoch's four.
+    model, _ = fit(SelfCompress(gamma=0.05, bn_samples=20))
+    outputs = eval_outputs(model.net)
+    assert relative_gap(outputs, eval_outputs(reestimated_twin(model.net, last_batches=2))) <= TOLERANCE
+    assert relative_gap(outputs, eval_outputs(reestimated_twin(model.net))) > 10 * TOLERANCE
+
+
+def test_recent_inputs_keep_whole_calls_until_they_hold_the_samples() -> None:
+    recent = RecentInputs(samples=10)
+    calls = [((torch.zeros(size, 3),), {}) for size in (4, 4, 4, 4, 8, 2)]
+    held = []
+    for call in calls:
+        recent.add(call)
+        held.append([inputs[0][0].shape[0] for inputs in recent.inputs])
+    # Oldest first; the oldest call goes once the others hold 10 samples without it.
+    assert held == [[4], [4, 4], [4, 4, 4], [4, 4, 4], [4, 8], [8, 2]]
+    assert recent.inputs[-1] is calls[-1]  # kept as given, not copied
+    recent.clear()
+    assert len(recent) == 0 and recent.inputs == []
+
+
+def test_sample_count_reads_the_first_batched_tensor() -> None:
+    assert sample_count(((torch.zeros(7, 2),), {})) == 7
+    assert sample_count(((torch.tensor(1.0), [torch.zeros(5)]), {"mask": torch.zeros(9)})) == 5
+    assert sample_count((("text",), {"ids": {"a": torch.zeros(3, 4)}})) == 3
+    assert sample_count((("no tensors",), {})) == 1
+
+
+@pytest.mark.parametrize("bn_samples", [-1, 1.5, True, "8", None])
+def test_bad_bn_samples_is_refused(bn_samples) -> None:
+    with pytest.raises(ValueError, match="`bn_samples` must be an int >= 0"):
+        SelfCompress(bn_samples=bn_samples)
 
 
 def test_benchmark_smoke(capsys) -> None:
@@ -170,7 +200,7 @@ def test_benchmark_smoke(capsys) -> None:
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    results = bench.main(["--smoke", "--nets", "digits", "--bn-batches", "8"])
-    (row,) = results["digits/8"]
+    results = bench.main(["--smoke", "--nets", "digits", "--bn-samples", "256"])
+    (row,) = results["digits/256"]
     assert abs(row["eval"] - row["twin"]) <= 0.01
     assert "machine:" in capsys.readouterr().out
