@@ -129,15 +129,19 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--bn-samples", nargs="+", type=int, default=[0, 2048])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="instead of each network's default")
+    parser.add_argument("--initial-bits", type=float, default=None, help="SelfCompress(initial_bits=...)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="one epoch, to check the script runs")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     epochs = 1 if args.smoke else args.epochs
     print(header())
     results = {}
     for name in args.nets:
         for bn_samples in args.bn_samples:
             start = time.perf_counter()
-            rows = results[f"{name}/{bn_samples}"] = run(name, bn_samples, args.seed, epochs)
+            rows = results[f"{name}/{bn_samples}"] = run(name, bn_samples, args.seed, epochs, args.initial_bits)
             gamma = NETS[name][3]
             print(
                 f"\n{name}, gamma {gamma}, bn_samples {bn_samples}, seed {args.seed} "

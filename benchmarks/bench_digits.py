@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "examples")]
 
+import torch  # noqa: E402
 from common import header, write_json  # noqa: E402
 from digits import accuracy, digits_loaders, train  # noqa: E402
 
@@ -25,9 +26,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--bn-samples", type=int, default=2048, help="SelfCompress(bn_samples=...); 0 turns it off")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="two epochs, to check the script runs")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     epochs = 2 if args.smoke else args.epochs
 
     rows = []

@@ -13,7 +13,8 @@ Same data, batch, optimizer (AdamW 3e-3, cosine) and training steps for every me
   ``torch.save(state_dict)``.
 
 A peer point is *matched* when some SelfCompress point has at least its accuracy in a
-file of no more bytes. Settings: default (short, CPU) 2 epochs of the 60,000 images at
+file of no more bytes; with ``--seeds N`` every point is trained on N seeds and accuracy
+and bytes are their means. Settings: default (short, CPU) 2 epochs of the 60,000 images at
 batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method.
 
     python benchmarks/bench_pareto.py --threads 2 --out pareto.json --plot benchmarks/plots/mnist_pareto.png
@@ -73,12 +74,78 @@ def plot(path: str, rows: list[dict], title: str) -> None:
                         linestyle="-" if method == "selfcompress" else ":")
 
 
+def sweep(args, cfg: dict, seed: int, add) -> list[dict]:
+    """Every method's points for one seed, in a fixed order; ``add`` is called with each row as it is measured."""
+    train_loader, test_loader = loaders(args.data_dir, cfg["batch_size"], cfg["train_subset"], cfg["test_subset"], seed)
+    example = next(iter(test_loader))[0][:2]
+    rows: list[dict] = []
+
+    def measured(row: dict) -> None:
+        rows.append(row | {"seed": seed})
+        add(rows[-1])
+
+    base, _, seconds, steps = fit(train_loader, cfg["epochs"], None, seed)
+    measured(dict(method="fp32", config="", steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
+                  file_bytes=state_dict_bytes(base.net), params=params(base.net)))
+
+    for gamma in cfg["gammas"]:
+        model, callback, seconds, steps = fit(train_loader, cfg["epochs"], gamma, seed)
+        sc = evaluate_selfcompress(model, callback, test_loader, example)
+        measured(dict(method="selfcompress", config=f"gamma {gamma:g}", steps=steps, seconds=seconds,
+                      accuracy=sc["finalized_accuracy"], file_bytes=sc["packed_file_bytes"],
+                      lzma_file_bytes=sc["entropy_file_bytes"], exact_bytes=sc["exact_bytes"],
+                      params=sc["params_finalized"]))
+
+    for bits in cfg["bits"]:
+        callback = fixed_bits_callback(int(bits))
+        model, _, seconds, steps = fit(train_loader, cfg["epochs"], None, seed, extra_callbacks=[callback])
+        compact = selfcompress.finalize(model.net)
+        measured(dict(method="fixed-bit QAT", config=f"{bits:g} bits", steps=steps, seconds=seconds,
+                      accuracy=accuracy(compact, test_loader), file_bytes=packed_file_bytes(model.net, example)[0],
+                      exact_bytes=callback.size().total_bytes, bits_per_weight=callback.size().bits_per_weight,
+                      params=params(compact)))
+
+    for penalty in cfg["diffq_penalties"]:
+        row = run_diffq(train_loader, test_loader, cfg["epochs"], -1, seed, penalty, 8)
+        if "not_measured" in row:
+            print(f"DiffQ not measured: {row['not_measured']}")
+            cfg["diffq_not_measured"] = row["not_measured"]
+            break
+        row["config"] = f"penalty {penalty:g}"
+        measured(row)
+
+    for ratio in cfg["pruning_ratios"]:
+        start = time.perf_counter()
+        pruned = prune(base.net, ratio, example)
+        tuned, _, ft_seconds, ft_steps = fit(train_loader, 1, None, seed, net=pruned)
+        measured(dict(method="torch-pruning + fine-tune", config=f"ratio {ratio:g}", steps=rows[0]["steps"] + ft_steps,
+                      seconds=rows[0]["seconds"] + time.perf_counter() - start, accuracy=accuracy(tuned, test_loader),
+                      file_bytes=state_dict_bytes(tuned.net), params=params(tuned.net)))
+    return rows
+
+
+def averaged(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per point: accuracy, bytes, parameters and seconds averaged over the seeds, each seed's accuracy kept."""
+    rows = []
+    for points in zip(*per_seed, strict=True):
+        row = {key: value for key, value in points[0].items() if key != "seed"}
+        for key in ("accuracy", "seconds"):
+            row[key] = sum(p[key] for p in points) / len(points)
+        for key in ("file_bytes", "lzma_file_bytes", "exact_bytes", "params"):
+            if key in row:
+                row[key] = round(sum(p[key] for p in points) / len(points))
+        row["seed_accuracies"] = [p["accuracy"] for p in points]
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = parser_with_common(__doc__)
     parser.add_argument("--gammas", type=floats, default=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08])
     parser.add_argument("--bits", type=floats, default=[8, 4, 2], help="fixed-bit QAT depths")
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
+    parser.add_argument("--seeds", type=int, default=1, help="seeds from --seed on; points are averaged over them")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if skipped := skip_without_data(args.data_dir):
@@ -89,76 +156,42 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cfg = dict(name="short (CPU)", epochs=args.epochs, batch_size=args.batch_size,
                    train_subset=args.train_subset, test_subset=None)
+    seeds = list(range(args.seed, args.seed + args.seeds))
     cfg.update(gammas=args.gammas, bits=args.bits, diffq_penalties=args.diffq_penalties,
-               pruning_ratios=args.pruning_ratios)
-    train_loader, test_loader = loaders(args.data_dir, cfg["batch_size"], cfg["train_subset"], cfg["test_subset"],
-                                        args.seed)
-    example = next(iter(test_loader))[0][:2]
+               pruning_ratios=args.pruning_ratios, seeds=seeds)
     print(header(), flush=True)
-    results = {"benchmark": "pareto", "setting": cfg, "runs": []}
-    rows = results["runs"]
+    results = {"benchmark": "pareto", "setting": cfg, "runs": [], "seed_runs": []}
 
     def add(row: dict) -> None:
-        rows.append(row)
-        print(f"done {row['method']} {row['config']}: {row['accuracy']:.2%}, {row['file_bytes']:,} bytes "
-              f"({row['seconds']:.0f} s)", flush=True)
+        results["seed_runs"].append(row)
+        print(f"done seed {row['seed']} {row['method']} {row['config']}: {row['accuracy']:.2%}, "
+              f"{row['file_bytes']:,} bytes ({row['seconds']:.0f} s)", flush=True)
         write_json(args.out, results)
 
-    base, _, seconds, steps = fit(train_loader, cfg["epochs"], None, args.seed)
-    add(dict(method="fp32", config="", steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
-             file_bytes=state_dict_bytes(base.net), params=params(base.net)))
-
-    for gamma in cfg["gammas"]:
-        model, callback, seconds, steps = fit(train_loader, cfg["epochs"], gamma, args.seed)
-        sc = evaluate_selfcompress(model, callback, test_loader, example)
-        add(dict(method="selfcompress", config=f"gamma {gamma:g}", steps=steps, seconds=seconds,
-                 accuracy=sc["finalized_accuracy"], file_bytes=sc["packed_file_bytes"],
-                 lzma_file_bytes=sc["entropy_file_bytes"], exact_bytes=sc["exact_bytes"],
-                 params=sc["params_finalized"]))
-
-    for bits in cfg["bits"]:
-        callback = fixed_bits_callback(int(bits))
-        model, _, seconds, steps = fit(train_loader, cfg["epochs"], None, args.seed, extra_callbacks=[callback])
-        compact = selfcompress.finalize(model.net)
-        add(dict(method="fixed-bit QAT", config=f"{bits:g} bits", steps=steps, seconds=seconds,
-                 accuracy=accuracy(compact, test_loader), file_bytes=packed_file_bytes(model.net, example)[0],
-                 exact_bytes=callback.size().total_bytes, bits_per_weight=callback.size().bits_per_weight,
-                 params=params(compact)))
-
-    for penalty in cfg["diffq_penalties"]:
-        row = run_diffq(train_loader, test_loader, cfg["epochs"], -1, args.seed, penalty, 8)
-        if "not_measured" in row:
-            print(f"DiffQ not measured: {row['not_measured']}")
-            results["diffq_not_measured"] = row["not_measured"]
-            break
-        row["config"] = f"penalty {penalty:g}"
-        add(row)
-
-    for ratio in cfg["pruning_ratios"]:
-        start = time.perf_counter()
-        pruned = prune(base.net, ratio, example)
-        tuned, _, ft_seconds, ft_steps = fit(train_loader, 1, None, args.seed, net=pruned)
-        add(dict(method="torch-pruning + fine-tune", config=f"ratio {ratio:g}", steps=rows[0]["steps"] + ft_steps,
-                 seconds=rows[0]["seconds"] + time.perf_counter() - start, accuracy=accuracy(tuned, test_loader),
-                 file_bytes=state_dict_bytes(tuned.net), params=params(tuned.net)))
-
+    per_seed = [sweep(args, cfg, seed, add) for seed in seeds]
+    rows = results["runs"] = averaged(per_seed)
+    if "diffq_not_measured" in cfg:
+        results["diffq_not_measured"] = cfg.pop("diffq_not_measured")
     matched(rows)
+    test_images = 10_000 if cfg["test_subset"] is None else cfg["test_subset"]
     print(f"\nMNIST CNN ({rows[0]['params']:,} weights), setting {cfg['name']}, batch {cfg['batch_size']}, "
-          f"{len(train_loader.dataset):,} training / {len(test_loader.dataset):,} test images")
+          f"{test_images:,} test images, seeds {seeds[0]}-{seeds[-1]} (accuracy, bytes: mean over seeds)")
     print(f"{'method':<27}{'config':<14}{'steps':>6}{'accuracy':>10}{'file bytes':>12}{'params':>8}"
-          f"  SelfCompress at <= bytes")
+          f"{'seeds (min-max)':>17}  SelfCompress at <= bytes")
     for r in rows:
         best = r.get("selfcompress_best_at_no_more_bytes")
         verdict = "" if "matched" not in r else (
             f"{best:.2%} {'matched' if r['matched'] else 'NOT matched'}" if best is not None
             else "NOT matched (no point that small)")
+        spread = f"{min(r['seed_accuracies']):.2%}-{max(r['seed_accuracies']):.2%}"
         print(f"{r['method']:<27}{r['config']:<14}{r['steps']:>6}{r['accuracy']:>10.2%}{r['file_bytes']:>12,}"
-              f"{r['params']:>8,}  {verdict}")
+              f"{r['params']:>8,}{spread:>17}  {verdict}")
     peers = [r for r in rows if "matched" in r]
     results["matched"] = sum(r["matched"] for r in peers)
     print(f"peer points matched: {results['matched']} of {len(peers)}")
     if args.plot:
-        plot(args.plot, rows, f"MNIST CNN, {cfg['name']}, real file bytes; {header().splitlines()[1]}")
+        plot(args.plot, rows, f"MNIST CNN, {cfg['name']}, real file bytes, mean of {len(seeds)} seed(s); "
+                              f"{header().splitlines()[1]}")
         results["plot"] = args.plot
     write_json(args.out, results)
     return results

@@ -135,3 +135,18 @@ def test_cost_smoke(tmp_path, capsys) -> None:
     assert results["save_seconds"] is None or results["save_bytes"] > 0
     for name in ("fp32", "finalized"):
         assert all(finite(v) and v > 0 for v in results["latency_seconds"][name].values())
+
+
+def test_pareto_averages_points_over_seeds() -> None:
+    averaged = load("bench_pareto").averaged
+    seed0 = [dict(method="fp32", config="", seed=0, accuracy=0.98, file_bytes=400, params=10, seconds=2.0)]
+    seed1 = [dict(method="fp32", config="", seed=1, accuracy=0.99, file_bytes=401, params=10, seconds=4.0)]
+    seed0.append(dict(method="diffq", config="penalty 3", seed=0, accuracy=0.5, file_bytes=100, params=7, seconds=1.0))
+    seed1.append(dict(method="diffq", config="penalty 3", seed=1, accuracy=0.7, file_bytes=104, params=8, seconds=1.0))
+    fp32, diffq = averaged([seed0, seed1])
+    assert fp32["accuracy"] == pytest.approx(0.985) and fp32["file_bytes"] == 400 and fp32["seconds"] == 3.0
+    assert fp32["seed_accuracies"] == [0.98, 0.99] and "seed" not in fp32
+    assert diffq["method"] == "diffq" and diffq["config"] == "penalty 3"
+    assert diffq["accuracy"] == pytest.approx(0.6) and diffq["file_bytes"] == 102 and diffq["params"] == 8
+    with pytest.raises(ValueError):
+        averaged([seed0, seed1[:1]])  # a seed with a point missing
