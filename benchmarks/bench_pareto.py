@@ -22,6 +22,7 @@ batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -146,8 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, default=1, help="seeds from --seed on; points are averaged over them")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None,
+                        help="average the seeds of these --out files (same settings) instead of training")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.combine:
+        return combine(args)
     if skipped := skip_without_data(args.data_dir):
         return skipped
     if args.smoke:
@@ -169,9 +174,31 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(args.out, results)
 
     per_seed = [sweep(args, cfg, seed, add) for seed in seeds]
-    rows = results["runs"] = averaged(per_seed)
     if "diffq_not_measured" in cfg:
         results["diffq_not_measured"] = cfg.pop("diffq_not_measured")
+    return report(args, results, per_seed)
+
+
+def combine(args) -> dict:
+    """The runs of several ``--out`` files (one or more seeds each, same settings), averaged over every seed."""
+    files = [json.loads(path.read_text()) for path in args.combine]
+    settings = [{k: v for k, v in f["setting"].items() if k != "seeds"} for f in files]
+    if any(setting != settings[0] for setting in settings):
+        raise ValueError(f"`--combine` files {[str(p) for p in args.combine]} were not run with the same settings.")
+    seed_runs = [row for f in files for row in f["seed_runs"]]
+    seeds = sorted({row["seed"] for row in seed_runs})
+    results = {"benchmark": "pareto", "setting": {**files[0]["setting"], "seeds": seeds}, "runs": [],
+               "seed_runs": seed_runs, "combined": [str(path) for path in args.combine]}
+    print(header(), flush=True)
+    for path, f in zip(args.combine, files, strict=True):
+        print(f"{path}: {f.get('command')}; {f.get('machine')}")
+    return report(args, results, [[row for row in seed_runs if row["seed"] == seed] for seed in seeds])
+
+
+def report(args, results: dict, per_seed: list[list[dict]]) -> dict:
+    """Average over the seeds, mark the peer points SelfCompress matches, print the table, plot, write."""
+    cfg, seeds = results["setting"], results["setting"]["seeds"]
+    rows = results["runs"] = averaged(per_seed)
     matched(rows)
     test_images = 10_000 if cfg["test_subset"] is None else cfg["test_subset"]
     print(f"\nMNIST CNN ({rows[0]['params']:,} weights), setting {cfg['name']}, batch {cfg['batch_size']}, "

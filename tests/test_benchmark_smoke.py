@@ -150,3 +150,34 @@ def test_pareto_averages_points_over_seeds() -> None:
     assert diffq["accuracy"] == pytest.approx(0.6) and diffq["file_bytes"] == 102 and diffq["params"] == 8
     with pytest.raises(ValueError):
         averaged([seed0, seed1[:1]])  # a seed with a point missing
+
+
+def test_pareto_combines_seeds_from_several_files(tmp_path, capsys) -> None:
+    setting = dict(name="short (CPU)", epochs=2, batch_size=128, test_subset=None)
+
+    def out(seed: int, ours: float, qat: float) -> Path:
+        rows = [
+            dict(method="fp32", config="", seed=seed, steps=9, accuracy=0.99, file_bytes=400, params=10, seconds=1.0),
+            dict(method="selfcompress", config="gamma 0.01", seed=seed, steps=9, accuracy=ours, file_bytes=50,
+                 params=5, seconds=1.0),
+            dict(method="fixed-bit QAT", config="2 bits", seed=seed, steps=9, accuracy=qat, file_bytes=60,
+                 params=10, seconds=1.0),
+        ]
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(json.dumps({"setting": {**setting, "seeds": [seed]}, "seed_runs": rows}))
+        return path
+
+    # Seed 0 alone would miss the QAT point; over both seeds SelfCompress is ahead (0.95 against 0.94).
+    files = [str(out(0, 0.92, 0.93)), str(out(1, 0.98, 0.95))]
+    results = load("bench_pareto").main(["--combine", *files, "--out", str(tmp_path / "combined.json")])
+    fp32, ours, qat = results["runs"]
+    assert results["setting"]["seeds"] == [0, 1] and ours["seed_accuracies"] == [0.92, 0.98]
+    assert ours["accuracy"] == pytest.approx(0.95) and qat["accuracy"] == pytest.approx(0.94)
+    assert qat["matched"] and results["matched"] == 1
+    assert "peer points matched: 1 of 1" in capsys.readouterr().out
+    assert json.loads((tmp_path / "combined.json").read_text())["matched"] == 1
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"setting": {**setting, "epochs": 3, "seeds": [2]}, "seed_runs": []}))
+    with pytest.raises(ValueError, match="same settings"):
+        load("bench_pareto").main(["--combine", files[0], str(other)])
