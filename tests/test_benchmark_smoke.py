@@ -112,6 +112,7 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     assert compressed["finalized_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.02)
     assert fixed["bits_per_weight"] == pytest.approx(2.0, abs=0.01)  # frozen depths: 2 bits a weight, none removed
     assert all(len(r["epochs"]) == 1 and 0.0 <= r["epochs"][0]["twin"] <= 1.0 for r in results["runs"])
+    assert all(0.0 <= r["epochs"][0]["twin2"] <= 1.0 for r in results["runs"])  # the second re-estimate
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
     assert combined["runs"] == results["runs"] * 2
