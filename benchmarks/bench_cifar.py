@@ -173,7 +173,7 @@ class AugmentedClassifier(Classifier):
 
 
 #: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=3``.
-RUN_OPTIONS = ("initial_bits", "bits_lr", "exponent_lr", "target_ramp")
+RUN_OPTIONS = ("initial_bits", "bits_lr", "exponent_lr", "target_ramp", "bn_samples")
 
 
 def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float]]:
@@ -189,7 +189,7 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float]]:
         if name not in RUN_OPTIONS or number is None:
             raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<number> with an option "
                              f"among {', '.join(RUN_OPTIONS)}.")
-        options[name] = number
+        options[name] = int(number) if name == "bn_samples" else number
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
         return "fp32", None, options

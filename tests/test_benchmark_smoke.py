@@ -123,6 +123,8 @@ def test_cifar_run_entries_are_checked() -> None:
     assert parse_run("target:5%") == ("target", "5%", {}) and parse_run("bits:4") == ("bits", 4.0, {})
     assert parse_run("target:5%,initial_bits=2,bits_lr=0.05") == ("target", "5%", {"initial_bits": 2.0,
                                                                                   "bits_lr": 0.05})
+    assert parse_run("target:2%,bn_samples=4096")[2] == {"bn_samples": 4096}  # an int, as the callback wants
+    assert isinstance(parse_run("target:2%,bn_samples=4096")[2]["bn_samples"], int)
     for bad in ("gama:0.1", "bits:4,initial_bits=2", "target:5%,initial_bit=2", "target:5%,initial_bits=two"):
         with pytest.raises(ValueError, match=repr(bad)):
             parse_run(bad)
