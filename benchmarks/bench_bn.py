@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import selfcompress  # noqa: E402
 from selfcompress.batchnorm import reestimate_batch_norm  # noqa: E402
+from selfcompress.layers import INITIAL_BITS  # noqa: E402
 from tests.models import MobileNetV2, ResNet9  # noqa: E402
 
 #: name -> (network factory, input channels, epochs, gamma)
@@ -100,15 +101,16 @@ class EvalVersusReestimated(pl.Callback):
 
 
 def run(
-    name: str, bn_samples: int, seed: int, epochs: int | None = None, initial_bits: float | None = None
+    name: str, bn_samples: int, seed: int, epochs: int | None = None, initial_bits: float = INITIAL_BITS
 ) -> list[dict[str, float]]:
     factory, channels, default_epochs, gamma = NETS[name]
     epochs = epochs or default_epochs
     pl.seed_everything(seed, verbose=False)
     train, test = loaders(channels, seed)
     model = Classifier(factory())
-    start = {} if initial_bits is None else {"initial_bits": initial_bits}
-    compress = selfcompress.SelfCompress(gamma=gamma, bn_samples=bn_samples, print_report=False, **start)
+    compress = selfcompress.SelfCompress(
+        gamma=gamma, bn_samples=bn_samples, initial_bits=initial_bits, print_report=False
+    )
     probe = EvalVersusReestimated(train, test, compress, second_twin=True)
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--bn-samples", nargs="+", type=int, default=[0, 2048])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="instead of each network's default")
-    parser.add_argument("--initial-bits", type=float, default=None, help="SelfCompress(initial_bits=...)")
+    parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS, help="SelfCompress(initial_bits=...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="one epoch, to check the script runs")
     args = parser.parse_args(argv)

@@ -173,23 +173,20 @@ class AugmentedClassifier(Classifier):
 
 
 #: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=3``.
-RUN_OPTIONS = ("initial_bits", "bits_lr", "exponent_lr", "target_ramp", "bn_samples")
+RUN_OPTIONS = {"initial_bits": float, "bits_lr": float, "exponent_lr": float, "target_ramp": float, "bn_samples": int}
 
 
-def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float]]:
+def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int]]:
     """``fp32``, ``gamma:0.02``, ``target:5%`` or ``bits:4``, then ``,name=value`` options -> (kind, value, options)."""
     base, *items = spec.split(",")
     options = {}
     for item in items:
         name, _, text = item.partition("=")
         try:
-            number = float(text)
-        except ValueError:
-            number = None
-        if name not in RUN_OPTIONS or number is None:
+            options[name] = RUN_OPTIONS[name](text)
+        except (KeyError, ValueError):
             raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<number> with an option "
-                             f"among {', '.join(RUN_OPTIONS)}.")
-        options[name] = int(number) if name == "bn_samples" else number
+                             f"among {', '.join(RUN_OPTIONS)} (bn_samples a whole number).") from None
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
         return "fp32", None, options

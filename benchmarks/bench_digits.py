@@ -17,6 +17,7 @@ from common import header, write_json  # noqa: E402
 from digits import accuracy, digits_loaders, train  # noqa: E402
 
 import selfcompress  # noqa: E402
+from selfcompress.layers import INITIAL_BITS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--bn-samples", type=int, default=2048, help="SelfCompress(bn_samples=...); 0 turns it off")
-    parser.add_argument("--initial-bits", type=float, default=None, help="SelfCompress(initial_bits=...)")
+    parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS, help="SelfCompress(initial_bits=...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="two epochs, to check the script runs")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -39,9 +40,8 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         start = time.perf_counter()
         baseline, baseline_acc, _ = train(epochs, gamma=None, seed=seed)
-        start_bits = {} if args.initial_bits is None else {"initial_bits": args.initial_bits}
         compressed, compressed_acc, callback = train(
-            epochs, gamma=args.gamma, seed=seed, bn_samples=args.bn_samples, **start_bits
+            epochs, gamma=args.gamma, seed=seed, bn_samples=args.bn_samples, initial_bits=args.initial_bits
         )
         size = callback.size()
         compact_acc = accuracy(selfcompress.finalize(compressed.net), digits_loaders(seed=seed)[1])

@@ -75,11 +75,15 @@ def plot(path: str, rows: list[dict], title: str) -> None:
                         linestyle="-" if method == "selfcompress" else ":")
 
 
-def sweep(args, cfg: dict, seed: int, add) -> list[dict]:
-    """Every method's points for one seed, in a fixed order; ``add`` is called with each row as it is measured."""
+def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
+    """Every method's points for one seed, in a fixed order, and why DiffQ was not measured (None if it was).
+
+    ``add`` is called with each row as it is measured.
+    """
     train_loader, test_loader = loaders(args.data_dir, cfg["batch_size"], cfg["train_subset"], cfg["test_subset"], seed)
     example = next(iter(test_loader))[0][:2]
     rows: list[dict] = []
+    diffq_not_measured = None
 
     def measured(row: dict) -> None:
         rows.append(row | {"seed": seed})
@@ -109,8 +113,8 @@ def sweep(args, cfg: dict, seed: int, add) -> list[dict]:
     for penalty in cfg["diffq_penalties"]:
         row = run_diffq(train_loader, test_loader, cfg["epochs"], -1, seed, penalty, 8)
         if "not_measured" in row:
-            print(f"DiffQ not measured: {row['not_measured']}")
-            cfg["diffq_not_measured"] = row["not_measured"]
+            diffq_not_measured = row["not_measured"]
+            print(f"DiffQ not measured: {diffq_not_measured}")
             break
         row["config"] = f"penalty {penalty:g}"
         measured(row)
@@ -122,7 +126,7 @@ def sweep(args, cfg: dict, seed: int, add) -> list[dict]:
         measured(dict(method="torch-pruning + fine-tune", config=f"ratio {ratio:g}", steps=rows[0]["steps"] + ft_steps,
                       seconds=rows[0]["seconds"] + time.perf_counter() - start, accuracy=accuracy(tuned, test_loader),
                       file_bytes=state_dict_bytes(tuned.net), params=params(tuned.net)))
-    return rows
+    return rows, diffq_not_measured
 
 
 def averaged(per_seed: list[list[dict]]) -> list[dict]:
@@ -173,10 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['file_bytes']:,} bytes ({row['seconds']:.0f} s)", flush=True)
         write_json(args.out, results)
 
-    per_seed = [sweep(args, cfg, seed, add) for seed in seeds]
-    if "diffq_not_measured" in cfg:
-        results["diffq_not_measured"] = cfg.pop("diffq_not_measured")
-    return report(args, results, per_seed)
+    swept = [sweep(args, cfg, seed, add) for seed in seeds]
+    if reason := next((why for _, why in swept if why), None):
+        results["diffq_not_measured"] = reason
+    return report(args, results, [rows for rows, _ in swept])
 
 
 def combine(args) -> dict:
