@@ -163,13 +163,16 @@ class AugmentedClassifier(Classifier):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self.augment:
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
-            i, j = (int(v) for v in torch.randint(0, 9, (2,)))
-            x = padded[:, :, i : i + 32, j : j + 32]
-        return super().training_step((x, y), batch_idx)
+        return super().training_step((augment(x) if self.augment else x, y), batch_idx)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random horizontal flip per image, then one pad-4 (reflect) random 32x32 crop for the batch."""
+    flip = torch.rand(x.shape[0], generator=generator).to(x.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    padded = nn.functional.pad(x, (4, 4, 4, 4), mode="reflect")
+    i, j = (int(v) for v in torch.randint(0, 9, (2,), generator=generator))
+    return padded[:, :, i : i + 32, j : j + 32]
 
 
 #: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=3``.

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 DATASETS = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
@@ -116,6 +117,39 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
     assert combined["runs"] == results["runs"] * 2
+
+
+def test_bn_sources_smoke(tmp_path, capsys) -> None:
+    if not CIFAR.exists():
+        pytest.skip(f"no {CIFAR}")
+    pytest.importorskip("PIL")
+    results = load("bench_bn_sources").main(["--smoke", "--epochs", "1", "--shuffles", "2", "--zip", str(CIFAR),
+                                              "--run", "gamma:0.2", "--out", str(tmp_path / "bn.json")])
+    out = capsys.readouterr().out
+    assert "command: python" in out and "machine:" in out
+    assert json.loads((tmp_path / "bn.json").read_text())["rows"] == results["rows"]
+    callback, *twins = results["rows"]
+    assert callback["samples"] == 2048 and len(callback["fp32_eval"]) == 1
+    # 2 sample counts x plain / augmented x float32 / bfloat16 statistics, 2 shuffles each.
+    assert [(t["samples"], t["source"]) for t in twins[:4]] == [
+        (128, "re-estimated, plain, fp32"), (128, "re-estimated, plain, bf16"),
+        (128, "re-estimated, augmented, fp32"), (128, "re-estimated, augmented, bf16")]
+    assert len(twins) == 8 and {t["samples"] for t in twins[4:]} == {256}
+    assert all(len(t["fp32_eval"]) == len(t["bf16_eval"]) == 2 for t in twins)
+    assert all(0.0 <= a <= 1.0 for r in results["rows"] for a in r["fp32_eval"] + r["bf16_eval"])
+    assert 0.0 < results["fraction_of_fp32_bits"] < 1.0
+    with pytest.raises(ValueError, match="'fp32'"):
+        load("bench_bn_sources").main(["--smoke", "--zip", str(CIFAR), "--run", "fp32"])
+
+
+def test_cifar_augmentation_is_the_training_one() -> None:
+    """The same flip and crop with the same generator; shape kept; pixels come from the padded image."""
+    augment = load("bench_cifar").augment
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    first, second = (augment(x, torch.Generator().manual_seed(7)) for _ in range(2))
+    assert first.shape == x.shape and torch.equal(first, second)
+    assert any(not torch.equal(augment(x, torch.Generator().manual_seed(s)), x) for s in range(10))
+    assert set(first.unique().tolist()) <= set(x.unique().tolist())  # reflect padding repeats pixels, adds none
 
 
 def test_cifar_run_entries_are_checked() -> None:
