@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fp32, gamma:<float>, target:<size> (e.g. target:5%%), bits:<int>; default per setting")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="print and plot the runs of these --out files instead of training")
+    parser.add_argument("--probe-images", type=int, default=None,
+                        help="test images of the per-epoch eval-vs-re-estimated probe (default per setting; "
+                             "more resolve smaller gaps at the cost of time)")
     add_run_arguments(parser, full_help="the full net and budget; for a GPU")
     args = parser.parse_args(argv)
     if args.combine:
@@ -328,6 +331,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("skipped: Pillow is needed to decode the JPEGs (pip install pillow)")
         return {"skipped": "Pillow not installed"}
     cfg = setting(args)
+    if args.probe_images is not None:
+        if not 1 <= args.probe_images <= (cfg["test_subset"] or 10_000):
+            parser.error(f"--probe-images must be between 1 and the test images "
+                         f"({cfg['test_subset'] or 10_000}), got {args.probe_images}")
+        cfg["probe_test"] = args.probe_images
     specs = args.runs or cfg["runs"]
     for spec in specs:
         parse_run(spec)  # every entry checked before any training

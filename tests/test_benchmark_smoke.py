@@ -105,8 +105,10 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     if not CIFAR.exists():
         pytest.skip(f"no {CIFAR}")
     pytest.importorskip("PIL")
-    results = run("bench_cifar", tmp_path, "--zip", str(CIFAR), "--runs", "fp32", "gamma:0.2", "bits:2")
+    results = run("bench_cifar", tmp_path, "--zip", str(CIFAR), "--runs", "fp32", "gamma:0.2", "bits:2",
+                  "--probe-images", "100")
     check_outputs(tmp_path, capsys, "cifar")
+    assert results["setting"]["probe_test"] == 100
     fp32, compressed, fixed = results["runs"]
     assert fp32["fraction_of_fp32_bits"] == 1.0
     assert 0.0 < compressed["fraction_of_fp32_bits"] < 1.0 and compressed["bytes"] > 0
@@ -117,6 +119,10 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
     assert combined["runs"] == results["runs"] * 2
+    for bad in ("0", "257"):  # the smoke setting has 256 test images
+        with pytest.raises(SystemExit):
+            load("bench_cifar").main(["--smoke", "--zip", str(CIFAR), "--probe-images", bad])
+    assert "--probe-images must be between 1 and the test images (256), got 257" in capsys.readouterr().err
 
 
 def test_bn_sources_smoke(tmp_path, capsys) -> None:
