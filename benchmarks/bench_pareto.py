@@ -37,6 +37,7 @@ from bench_mnist import (  # noqa: E402
     fixed_bits_callback,
     floats,
     loaders,
+    make_callback,
     packed_file_bytes,
     parser_with_common,
     skip_without_data,
@@ -47,6 +48,7 @@ from common import header, size_accuracy_axes, write_json  # noqa: E402
 from digits import accuracy  # noqa: E402
 
 import selfcompress  # noqa: E402
+from selfcompress.layers import INITIAL_BITS  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
@@ -93,10 +95,13 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
     measured(dict(method="fp32", config="", steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
                   file_bytes=state_dict_bytes(base.net), params=params(base.net)))
 
+    start_bits = cfg["initial_bits"]
     for gamma in cfg["gammas"]:
-        model, callback, seconds, steps = fit(train_loader, cfg["epochs"], gamma, seed)
+        callback = make_callback(gamma, initial_bits=start_bits)
+        model, _, seconds, steps = fit(train_loader, cfg["epochs"], None, seed, extra_callbacks=[callback])
         sc = evaluate_selfcompress(model, callback, test_loader, example)
-        measured(dict(method="selfcompress", config=f"gamma {gamma:g}", steps=steps, seconds=seconds,
+        config = f"gamma {gamma:g}" + ("" if start_bits == INITIAL_BITS else f", from {start_bits:g} bits")
+        measured(dict(method="selfcompress", config=config, steps=steps, seconds=seconds,
                       accuracy=sc["finalized_accuracy"], file_bytes=sc["packed_file_bytes"],
                       lzma_file_bytes=sc["entropy_file_bytes"], exact_bytes=sc["exact_bytes"],
                       params=sc["params_finalized"]))
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, default=1, help="seeds from --seed on; points are averaged over them")
+    parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS,
+                        help="SelfCompress(initial_bits=...) for the gamma sweep (default: the library's)")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="average the seeds of these --out files (same settings) instead of training")
     args = parser.parse_args(argv)
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = dict(name="short (CPU)", epochs=args.epochs, batch_size=args.batch_size,
                    train_subset=args.train_subset, test_subset=None)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    cfg.update(gammas=args.gammas, bits=args.bits, diffq_penalties=args.diffq_penalties,
+    cfg.update(gammas=args.gammas, initial_bits=args.initial_bits, bits=args.bits, diffq_penalties=args.diffq_penalties,
                pruning_ratios=args.pruning_ratios, seeds=seeds)
     print(header(), flush=True)
     results = {"benchmark": "pareto", "setting": cfg, "runs": [], "seed_runs": []}
@@ -207,7 +214,7 @@ def report(args, results: dict, per_seed: list[list[dict]]) -> dict:
     test_images = 10_000 if cfg["test_subset"] is None else cfg["test_subset"]
     print(f"\nMNIST CNN ({rows[0]['params']:,} weights), setting {cfg['name']}, batch {cfg['batch_size']}, "
           f"{test_images:,} test images, seeds {seeds[0]}-{seeds[-1]} (accuracy, bytes: mean over seeds)")
-    print(f"{'method':<27}{'config':<14}{'steps':>6}{'accuracy':>10}{'file bytes':>12}{'params':>8}"
+    print(f"{'method':<27}{'config':<26}{'steps':>6}{'accuracy':>10}{'file bytes':>12}{'params':>8}"
           f"{'seeds (min-max)':>17}  SelfCompress at <= bytes")
     for r in rows:
         best = r.get("selfcompress_best_at_no_more_bytes")
@@ -215,7 +222,7 @@ def report(args, results: dict, per_seed: list[list[dict]]) -> dict:
             f"{best:.2%} {'matched' if r['matched'] else 'NOT matched'}" if best is not None
             else "NOT matched (no point that small)")
         spread = f"{min(r['seed_accuracies']):.2%}-{max(r['seed_accuracies']):.2%}"
-        print(f"{r['method']:<27}{r['config']:<14}{r['steps']:>6}{r['accuracy']:>10.2%}{r['file_bytes']:>12,}"
+        print(f"{r['method']:<27}{r['config']:<26}{r['steps']:>6}{r['accuracy']:>10.2%}{r['file_bytes']:>12,}"
               f"{r['params']:>8,}{spread:>17}  {verdict}")
     peers = [r for r in rows if "matched" in r]
     results["matched"] = sum(r["matched"] for r in peers)

@@ -76,8 +76,9 @@ def test_peers_smoke(tmp_path, capsys) -> None:
 
 @needs_mnist
 def test_pareto_smoke(tmp_path, capsys) -> None:
-    results = run("bench_pareto", tmp_path, "--data-dir", str(MNIST))
+    results = run("bench_pareto", tmp_path, "--data-dir", str(MNIST), "--initial-bits", "2")
     check_outputs(tmp_path, capsys, "pareto")
+    assert results["setting"]["initial_bits"] == 2.0 and results["runs"][1]["config"] == "gamma 0.05, from 2 bits"
     methods = [r["method"] for r in results["runs"]]
     assert methods[:3] == ["fp32", "selfcompress", "fixed-bit QAT"] and "torch-pruning + fine-tune" in methods
     qat = results["runs"][2]
