@@ -254,7 +254,7 @@ def label(row: dict) -> str:
 
 def plot(path: str, rows: list[dict], title: str) -> None:
     with size_accuracy_axes(path, title, "% of fp32 bits (log)", "CIFAR-10 test accuracy (%)",
-                            legend="lower left") as ax:
+                            legend="lower right", size=(8.5, 4.5)) as ax:
         xs, ys = zip(*PAPER_POINTS, strict=True)
         ax.plot(xs, ys, "k*--", label="paper, self-compression (read off Fig. 3; full net, ~850 epochs)")
         ax.scatter(*PAPER_DIFFQ, marker="P", c="grey", s=70, label="paper, DiffQ at fp32 accuracy (Fig. 3)")
