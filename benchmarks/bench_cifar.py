@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="print and plot the runs of these --out files instead of training")
     parser.add_argument("--probe-images", type=int, default=None,
-                        help="test images of the per-epoch eval-vs-re-estimated probe (default per setting; "
-                             "more resolve smaller gaps at the cost of time)")
+                        help="test images of the per-epoch eval-vs-re-estimated probe, a multiple of 10 (default "
+                             "per setting; more resolve smaller gaps at the cost of time)")
     add_run_arguments(parser, full_help="the full net and budget; for a GPU")
     args = parser.parse_args(argv)
     if args.combine:
@@ -332,9 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {"skipped": "Pillow not installed"}
     cfg = setting(args)
     if args.probe_images is not None:
-        if not 1 <= args.probe_images <= (cfg["test_subset"] or 10_000):
-            parser.error(f"--probe-images must be between 1 and the test images "
-                         f"({cfg['test_subset'] or 10_000}), got {args.probe_images}")
+        most = cfg["test_subset"] or 10_000
+        if not (10 <= args.probe_images <= most and args.probe_images % 10 == 0):
+            parser.error(f"--probe-images must be a multiple of 10 (the probe is balanced over the classes) "
+                         f"from 10 to the test images ({most}), got {args.probe_images}")
         cfg["probe_test"] = args.probe_images
     specs = args.runs or cfg["runs"]
     for spec in specs:

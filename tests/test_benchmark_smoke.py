@@ -120,10 +120,11 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
     assert combined["runs"] == results["runs"] * 2
-    for bad in ("0", "257"):  # the smoke setting has 256 test images
+    for bad in ("0", "5", "105", "260"):  # the smoke setting has 256 test images; the probe takes tens
         with pytest.raises(SystemExit):
             load("bench_cifar").main(["--smoke", "--zip", str(CIFAR), "--probe-images", bad])
-    assert "--probe-images must be between 1 and the test images (256), got 257" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--probe-images must be a multiple of 10" in err and "from 10 to the test images (256), got 105" in err
 
 
 def test_bn_sources_smoke(tmp_path, capsys) -> None:
