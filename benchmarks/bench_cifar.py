@@ -321,6 +321,13 @@ def main(argv: list[str] | None = None) -> dict:
         if args.plot:
             plot(args.plot, rows, f"ResNet-9, {parts[0]['setting']['name']} (measured) vs paper (reference)")
         return {"runs": rows}
+    cfg = setting(args)
+    if args.probe_images is not None:  # before the data checks: a bad value is an error, not a skip
+        most = cfg["test_subset"] or 10_000
+        if not (10 <= args.probe_images <= most and args.probe_images % 10 == 0):
+            parser.error(f"--probe-images must be a multiple of 10 (the probe is balanced over the classes) "
+                         f"from 10 to the test images ({most}), got {args.probe_images}")
+        cfg["probe_test"] = args.probe_images
     torch.set_num_threads(args.threads)
     if not args.zip.exists():
         print(f"skipped: no {args.zip} (pass --zip)")
@@ -330,13 +337,6 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         print("skipped: Pillow is needed to decode the JPEGs (pip install pillow)")
         return {"skipped": "Pillow not installed"}
-    cfg = setting(args)
-    if args.probe_images is not None:
-        most = cfg["test_subset"] or 10_000
-        if not (10 <= args.probe_images <= most and args.probe_images % 10 == 0):
-            parser.error(f"--probe-images must be a multiple of 10 (the probe is balanced over the classes) "
-                         f"from 10 to the test images ({most}), got {args.probe_images}")
-        cfg["probe_test"] = args.probe_images
     specs = args.runs or cfg["runs"]
     for spec in specs:
         parse_run(spec)  # every entry checked before any training
