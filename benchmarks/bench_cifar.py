@@ -14,7 +14,8 @@ decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (de
   inputs (faster than float32 on a CPU with bfloat16 units), runs fp32, ``target:5%``,
   ``target:2%`` and ``bits:4``; ``--runs`` picks others (a SelfCompress run may set
   options after commas: ``target:5%,initial_bits=3``), ``--combine`` merges the JSON of
-  runs made in separate processes;
+  runs made in separate processes (with ``--mean``, the runs of one label on different
+  seeds become one point: their mean, the seeds' spread drawn as an error bar);
 - ``--full`` (GPU; not feasible on CPU): width 1 (about 6.57M weights), 200 epochs of the
   50,000 images with flip / pad-4 crop, all 10,000 test images, gammas 0.0025 to 0.06;
 - ``--smoke`` (seconds): width 1/8, 256 training and 256 test images, one gamma.
@@ -249,7 +250,43 @@ def setting(args) -> dict:
 def label(row: dict) -> str:
     name = {"fp32": "fp32", "gamma": "SelfCompress gamma {}", "target": "SelfCompress target {}",
             "bits": "fixed {:g}-bit QAT"}[row["kind"]].format(row["value"])
-    return name + "".join(f", {key} {value:g}" for key, value in row.get("options", {}).items())
+    return name + "".join(f", from {value:g} bits" if key == "initial_bits" else f", {key} {value:g}"
+                          for key, value in row.get("options", {}).items())
+
+
+def seed_means(rows: list[dict]) -> list[dict]:
+    """One row per run label, averaged over the rows (each a seed) that carry it, in first-seen order.
+
+    Accuracy, size and seconds are means; ``seed_accuracies`` keeps each row's accuracy. Two rows
+    of one label recorded with the same seed are refused (a run counted twice).
+    """
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(label(row), []).append(row)
+    means = []
+    for name, runs in groups.items():
+        seeds = [run["seed"] for run in runs if "seed" in run]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"`--combine` holds run {name!r} twice with the same seed ({sorted(seeds)})")
+        mean = {key: value for key, value in runs[0].items() if key not in ("seed", "epochs")}
+        for key in ("accuracy", "finalized_accuracy", "fraction_of_fp32_bits", "bits_per_weight", "seconds"):
+            if key in mean:
+                mean[key] = sum(run[key] for run in runs) / len(runs)
+        mean["bytes"] = round(sum(run["bytes"] for run in runs) / len(runs))
+        mean["seed_accuracies"] = [run["accuracy"] for run in runs]
+        means.append(mean)
+    return means
+
+
+def print_means(rows: list[dict]) -> None:
+    """The seed means: accuracy with its spread over seeds, and its distance from the fp32 mean."""
+    fp32 = next((row["accuracy"] for row in rows if row["kind"] == "fp32"), None)
+    print(f"{'run':>40}{'seeds':>6}{'accuracy':>10}{'min-max':>16}{'bytes':>10}{'% fp32 bits':>12}{'vs fp32':>9}")
+    for r in rows:
+        low, high = min(r["seed_accuracies"]), max(r["seed_accuracies"])
+        gap = "" if fp32 is None or r["kind"] == "fp32" else f"{100 * (r['accuracy'] - fp32):+.2f}"
+        print(f"{label(r):>40}{len(r['seed_accuracies']):>6}{r['accuracy']:>10.2%}{f'{low:.2%}-{high:.2%}':>16}"
+              f"{r['bytes']:>10,}{100 * r['fraction_of_fp32_bits']:>11.2f}%{gap:>9}")
 
 
 def plot(path: str, rows: list[dict], title: str) -> None:
@@ -259,8 +296,11 @@ def plot(path: str, rows: list[dict], title: str) -> None:
         ax.plot(xs, ys, "k*--", label="paper, self-compression (read off Fig. 3; full net, ~850 epochs)")
         ax.scatter(*PAPER_DIFFQ, marker="P", c="grey", s=70, label="paper, DiffQ at fp32 accuracy (Fig. 3)")
         for row in rows:
-            ax.scatter(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], s=45,
-                       label=f"{label(row)} (measured)")
+            seeds = row.get("seed_accuracies", [row["accuracy"]])
+            spread = [[100 * (row["accuracy"] - min(seeds))], [100 * (max(seeds) - row["accuracy"])]]
+            ax.errorbar(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], yerr=spread, fmt="o", ms=6,
+                        capsize=3, label=f"{label(row)} (measured" + (f", mean of {len(seeds)} seeds)"
+                                                                       if len(seeds) > 1 else ")"))
         lowest = min([100 * row["accuracy"] for row in rows] + list(ys))
         ax.set_ylim(bottom=lowest - (100 - lowest), top=100)  # room for the legend below the points
 
@@ -307,19 +347,28 @@ def main(argv: list[str] | None = None) -> dict:
                         help="fp32, gamma:<float>, target:<size> (e.g. target:5%%), bits:<int>; default per setting")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="print and plot the runs of these --out files instead of training")
+    parser.add_argument("--mean", action="store_true",
+                        help="with --combine: runs of the same label (different seeds) averaged into one point")
     parser.add_argument("--probe-images", type=int, default=None,
                         help="test images of the per-epoch eval-vs-re-estimated probe, a multiple of 10 (default "
                              "per setting; more resolve smaller gaps at the cost of time)")
     add_run_arguments(parser, full_help="the full net and budget; for a GPU")
     args = parser.parse_args(argv)
+    if args.mean and not args.combine:
+        parser.error("--mean averages the runs of --combine; give --combine FILE ... with it")
     if args.combine:
         parts = [json.loads(path.read_text()) for path in args.combine]
         rows = [row for part in parts for row in part["runs"]]
         print(header())
         print(f"combined from {', '.join(map(str, args.combine))}; setting {parts[0]['setting']['name']}")
-        print_table(parts[0]["setting"], rows)
+        if args.mean:
+            rows = seed_means(rows)
+            print_means(rows)
+        else:
+            print_table(parts[0]["setting"], rows)
         if args.plot:
-            plot(args.plot, rows, f"ResNet-9, {parts[0]['setting']['name']} (measured) vs paper (reference)")
+            kind = "measured, mean over seeds" if args.mean else "measured"
+            plot(args.plot, rows, f"ResNet-9, {parts[0]['setting']['name']} ({kind}) vs paper (reference)")
         return {"runs": rows}
     cfg = setting(args)
     if args.probe_images is not None:  # before the data checks: a bad value is an error, not a skip
@@ -362,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     for spec in specs:
         kind, value, options = parse_run(spec)
         model, callback, epochs, seconds, steps = fit(train_loader, probe_loaders, cfg, spec, args.seed)
-        row = dict(kind=kind, value=value, options=options, steps=steps, seconds=seconds,
+        row = dict(kind=kind, value=value, options=options, seed=args.seed, steps=steps, seconds=seconds,
                    accuracy=accuracy(model, test_loader),
                    epochs=epochs)
         if callback is None:

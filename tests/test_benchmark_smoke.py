@@ -120,6 +120,9 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
     assert combined["runs"] == results["runs"] * 2
+    assert all(r["seed"] == 0 for r in results["runs"])
+    with pytest.raises(ValueError, match="'fp32' twice with the same seed"):  # one run counted as two seeds
+        load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json"), "--mean"])
     for bad in ("0", "5", "105", "260"):  # the smoke setting has 256 test images; the probe takes tens
         with pytest.raises(SystemExit):
             load("bench_cifar").main(["--smoke", "--zip", str(CIFAR), "--probe-images", bad])
@@ -158,6 +161,30 @@ def test_cifar_augmentation_is_the_training_one() -> None:
     assert first.shape == x.shape and torch.equal(first, second)
     assert any(not torch.equal(augment(x, torch.Generator().manual_seed(s)), x) for s in range(10))
     assert set(first.unique().tolist()) <= set(x.unique().tolist())  # reflect padding repeats pixels, adds none
+
+
+def test_cifar_seed_means_average_each_label_over_its_seeds(tmp_path, capsys) -> None:
+    def run(kind, value, seed, accuracy, bytes_, options=None):
+        return dict(kind=kind, value=value, options=options or {}, seed=seed, accuracy=accuracy, bytes=bytes_,
+                    fraction_of_fp32_bits=bytes_ / 1000, seconds=10.0 * (seed + 1), epochs=[])
+    seed0 = [run("fp32", None, 0, 0.86, 1000), run("target", "5%", 0, 0.84, 50, {"initial_bits": 2.0})]
+    seed1 = [run("fp32", None, 1, 0.88, 1000), run("target", "5%", 1, 0.80, 52, {"initial_bits": 2.0})]
+    seed1.append(run("bits", 2.0, 1, 0.85, 70))
+    for seed, rows in enumerate((seed0, seed1)):
+        (tmp_path / f"s{seed}.json").write_text(json.dumps({"setting": {"name": "test"}, "runs": rows}))
+    main = load("bench_cifar").main
+    fp32, target, fixed = main(["--combine", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--mean",
+                                "--plot", str(tmp_path / "means.png")])["runs"]
+    assert fp32["accuracy"] == pytest.approx(0.87) and fp32["seed_accuracies"] == [0.86, 0.88]
+    assert target["accuracy"] == pytest.approx(0.82) and target["bytes"] == 51 and target["seconds"] == 15.0
+    assert target["fraction_of_fp32_bits"] == pytest.approx(0.051) and "seed" not in target
+    assert fixed["seed_accuracies"] == [0.85]  # a label one seed ran stays a one-seed point
+    out = capsys.readouterr().out
+    assert "SelfCompress target 5%, from 2 bits" in out and "-5.00" in out and "80.00%-84.00%" in out
+    assert (tmp_path / "means.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["--mean"])
+    assert "--mean averages the runs of --combine" in capsys.readouterr().err
 
 
 def test_cifar_run_entries_are_checked() -> None:
