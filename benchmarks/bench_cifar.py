@@ -48,7 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_bn import EvalVersusReestimated  # noqa: E402
 from bench_mnist import fixed_bits_callback, make_callback  # noqa: E402
-from common import add_run_arguments, header, size_accuracy_axes, write_json  # noqa: E402
+from common import add_run_arguments, header, seed_mean, size_accuracy_axes, write_json  # noqa: E402
 from digits import Classifier, accuracy  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
@@ -268,13 +268,8 @@ def seed_means(rows: list[dict]) -> list[dict]:
         seeds = [run["seed"] for run in runs if "seed" in run]
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"`--combine` holds run {name!r} twice with the same seed ({sorted(seeds)})")
-        mean = {key: value for key, value in runs[0].items() if key not in ("seed", "epochs")}
-        for key in ("accuracy", "finalized_accuracy", "fraction_of_fp32_bits", "bits_per_weight", "seconds"):
-            if key in mean:
-                mean[key] = sum(run[key] for run in runs) / len(runs)
-        mean["bytes"] = round(sum(run["bytes"] for run in runs) / len(runs))
-        mean["seed_accuracies"] = [run["accuracy"] for run in runs]
-        means.append(mean)
+        means.append(seed_mean(runs, ("accuracy", "finalized_accuracy", "fraction_of_fp32_bits", "bits_per_weight",
+                                      "seconds"), ("bytes",)))
     return means
 
 
@@ -298,9 +293,9 @@ def plot(path: str, rows: list[dict], title: str) -> None:
         for row in rows:
             seeds = row.get("seed_accuracies", [row["accuracy"]])
             spread = [[100 * (row["accuracy"] - min(seeds))], [100 * (max(seeds) - row["accuracy"])]]
+            over = f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""
             ax.errorbar(100 * row["fraction_of_fp32_bits"], 100 * row["accuracy"], yerr=spread, fmt="o", ms=6,
-                        capsize=3, label=f"{label(row)} (measured" + (f", mean of {len(seeds)} seeds)"
-                                                                       if len(seeds) > 1 else ")"))
+                        capsize=3, label=f"{label(row)} (measured{over})")
         lowest = min([100 * row["accuracy"] for row in rows] + list(ys))
         ax.set_ylim(bottom=lowest - (100 - lowest), top=100)  # room for the legend below the points
 

@@ -44,7 +44,7 @@ from bench_mnist import (  # noqa: E402
     state_dict_bytes,
 )
 from bench_peers import params, prune, run_diffq  # noqa: E402
-from common import header, size_accuracy_axes, write_json  # noqa: E402
+from common import header, seed_mean, size_accuracy_axes, write_json  # noqa: E402
 from digits import accuracy  # noqa: E402
 
 import selfcompress  # noqa: E402
@@ -136,17 +136,8 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
 
 def averaged(per_seed: list[list[dict]]) -> list[dict]:
     """One row per point: accuracy, bytes, parameters and seconds averaged over the seeds, each seed's accuracy kept."""
-    rows = []
-    for points in zip(*per_seed, strict=True):
-        row = {key: value for key, value in points[0].items() if key != "seed"}
-        for key in ("accuracy", "seconds"):
-            row[key] = sum(p[key] for p in points) / len(points)
-        for key in ("file_bytes", "lzma_file_bytes", "exact_bytes", "params"):
-            if key in row:
-                row[key] = round(sum(p[key] for p in points) / len(points))
-        row["seed_accuracies"] = [p["accuracy"] for p in points]
-        rows.append(row)
-    return rows
+    return [seed_mean(list(points), ("accuracy", "seconds"), ("file_bytes", "lzma_file_bytes", "exact_bytes", "params"))
+            for points in zip(*per_seed, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> dict:

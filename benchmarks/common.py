@@ -45,6 +45,22 @@ def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
+def seed_mean(points: list[dict], means: tuple[str, ...], counts: tuple[str, ...] = ()) -> dict:
+    """One point from its runs on several seeds (``points``, one dict each).
+
+    The keys in ``means`` are averaged, those in ``counts`` averaged and rounded, the rest
+    taken from the first run; the per-run ``seed`` and ``epochs`` are dropped and each
+    run's accuracy is kept in ``seed_accuracies``.
+    """
+    row = {key: value for key, value in points[0].items() if key not in ("seed", "epochs")}
+    for key in means + counts:
+        if key in row:
+            mean = sum(point[key] for point in points) / len(points)
+            row[key] = round(mean) if key in counts else mean
+    row["seed_accuracies"] = [point["accuracy"] for point in points]
+    return row
+
+
 def add_run_arguments(
     parser: argparse.ArgumentParser, *, smoke_help: str = "seconds, to check the script runs",
     full_help: str | None = None, plot: bool = True,
