@@ -216,6 +216,7 @@ def compressor(kind: str, value, options: dict[str, float]) -> selfcompress.Self
 def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):
     """Train one run; returns model, callback (or None), per-epoch probe rows, seconds, steps."""
     pl.seed_everything(seed, verbose=False)
+    train_loader.generator.manual_seed(seed)  # shuffles as if the run were alone, whatever ran before it
     model = AugmentedClassifier(resnet9(cfg["width"]), cfg["augment"], cfg["channels_last"], lr=cfg["lr"])
     callback = compressor(*parse_run(spec))
     probe = EvalVersusReestimated(*probe_loaders, callback, reestimate_batches=cfg["probe_batches"], second_twin=True)
