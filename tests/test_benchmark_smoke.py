@@ -128,6 +128,9 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
             load("bench_cifar").main(["--smoke", "--zip", str(CIFAR), "--probe-images", bad])
     err = capsys.readouterr().err
     assert "--probe-images must be a multiple of 10" in err and "from 10 to the test images (256), got 105" in err
+    # A run does not depend on what ran before it in the process: alone, the fixed-bit run trains the same.
+    alone = load("bench_cifar").main(["--smoke", "--zip", str(CIFAR), "--runs", "bits:2", "--probe-images", "100"])
+    assert alone["runs"][0]["epochs"] == fixed["epochs"] and alone["runs"][0]["accuracy"] == fixed["accuracy"]
 
 
 def test_bn_sources_smoke(tmp_path, capsys) -> None:
