@@ -95,7 +95,12 @@ def fixed_bits_callback(bits: int) -> selfcompress.SelfCompress:
 
 def fit(train_loader, epochs: int, gamma: float | None, seed: int, max_steps: int = -1, net: nn.Module | None = None,
         extra_callbacks=()):
-    """Train ``mnist_cnn`` (or ``net``); ``gamma=None`` trains fp32. Returns model, callback, seconds, steps."""
+    """Train ``mnist_cnn`` (or ``net``); ``gamma=None`` trains fp32. Returns model, callback, seconds, steps.
+
+    Runs of one process share ``train_loader``, so each run's shuffle goes on from where the
+    previous run's stopped: a figure is reproduced by its whole command, not by its run alone
+    (kept so, since reseeding per run, as ``bench_cifar`` does, would move every recorded figure).
+    """
     pl.seed_everything(seed, verbose=False)
     model = Classifier(net if net is not None else mnist_cnn())
     callback = make_callback(gamma) if gamma is not None else None

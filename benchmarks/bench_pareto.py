@@ -15,7 +15,9 @@ Same data, batch, optimizer (AdamW 3e-3, cosine) and training steps for every me
 A peer point is *matched* when some SelfCompress point has at least its accuracy in a
 file of no more bytes; with ``--seeds N`` every point is trained on N seeds and accuracy
 and bytes are their means. Settings: default (short, CPU) 2 epochs of the 60,000 images at
-batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method.
+batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method. The runs
+of one process share the training loader's shuffle (see ``bench_mnist.fit``): a point is
+reproduced by the whole command, with the same ``--gammas`` and seeds.
 
     python benchmarks/bench_pareto.py --threads 2 --out pareto.json --plot benchmarks/plots/mnist_pareto.png
 """
