@@ -13,7 +13,9 @@ decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (de
   images (flip / pad-4 crop), all 10,000 test images, bfloat16 autocast with channels-last
   inputs (faster than float32 on a CPU with bfloat16 units), runs fp32, ``target:5%``,
   ``target:2%`` and ``bits:4``; ``--runs`` picks others (a SelfCompress run may set
-  options after commas: ``target:5%,initial_bits=3``), ``--combine`` merges the JSON of
+  options after commas: ``target:5%,initial_bits=3``; ``diffq:<penalty>`` trains DiffQ,
+  group size 8, biases and batch norms in float32, its bytes those of its packed file),
+  ``--combine`` merges the JSON of
   runs made in separate processes (with ``--mean``, the runs of one label on different
   seeds become one point: their mean, the seeds' spread drawn as an error bar);
 - ``--full`` (GPU; not feasible on CPU): width 1 (about 6.57M weights), 200 epochs of the
@@ -167,6 +169,38 @@ class AugmentedClassifier(Classifier):
         return super().training_step((augment(x) if self.augment else x, y), batch_idx)
 
 
+class DiffQClassifier(AugmentedClassifier):
+    """DiffQ on the same net and recipe: its differentiable size (MB) times ``penalty`` added to the loss.
+
+    Weights are quantized by groups of 8, biases and batch norms stay float32 (as in
+    ``bench_peers.run_diffq``); in eval mode DiffQ's hooks run the quantized weights.
+    """
+
+    def __init__(self, net: nn.Module, penalty: float, augment: bool, channels_last: bool = False, **kwargs) -> None:
+        from diffq import DiffQuantizer
+
+        super().__init__(net, augment, channels_last, **kwargs)
+        self.penalty = penalty
+        exclude = [name for name, p in net.named_parameters() if p.dim() < 2]
+        self.quantizer = DiffQuantizer(net, group_size=8, min_size=0.0, exclude=exclude)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + self.penalty * self.quantizer.model_size()
+
+    def configure_optimizers(self):
+        # DiffQ adds its bit-depth logits to the optimizer itself, with its own learning rate.
+        weights = [p for name, p in self.named_parameters() if not name.endswith(self.quantizer.suffix)]
+        optimizer = torch.optim.AdamW(weights, lr=self.lr, weight_decay=self.weight_decay)
+        self.quantizer.setup_optimizer(optimizer)
+        return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)]
+
+    def file_bytes(self) -> int:
+        """Bytes of ``torch.save(quantizer.get_quantized_state(packed=True))``."""
+        buffer = io.BytesIO()
+        torch.save(self.quantizer.get_quantized_state(packed=True), buffer)
+        return buffer.getbuffer().nbytes
+
+
 def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random horizontal flip per image, then one pad-4 (reflect) random 32x32 crop for the batch."""
     flip = torch.rand(x.shape[0], generator=generator).to(x.device) < 0.5
@@ -181,7 +215,8 @@ RUN_OPTIONS = {"initial_bits": float, "bits_lr": float, "exponent_lr": float, "t
 
 
 def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int]]:
-    """``fp32``, ``gamma:0.02``, ``target:5%`` or ``bits:4``, then ``,name=value`` options -> (kind, value, options)."""
+    """``fp32``, ``gamma:0.02``, ``target:5%``, ``bits:4`` or ``diffq:10``, SelfCompress runs then ``,name=value``
+    options -> (kind, value, options)."""
     base, *items = spec.split(",")
     options = {}
     for item in items:
@@ -194,17 +229,18 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
         return "fp32", None, options
-    if kind == "gamma" or (kind == "bits" and not options):
+    if kind == "gamma" or (kind in ("bits", "diffq") and not options):
         return kind, float(value), options
     if kind == "target" and value:
         return "target", value, options
     raise ValueError(f"`--runs` entry {spec!r} is not one of fp32, gamma:<float>, target:<size>, bits:<int>, "
+                     f"diffq:<penalty>, "
                      f"gamma and target optionally followed by ,<option>=<number> "
                      f"with options {', '.join(RUN_OPTIONS)}.")
 
 
 def compressor(kind: str, value, options: dict[str, float]) -> selfcompress.SelfCompress | None:
-    if kind == "fp32":
+    if kind in ("fp32", "diffq"):
         return None
     if kind == "gamma":
         return make_callback(value, **options)
@@ -217,8 +253,12 @@ def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):
     """Train one run; returns model, callback (or None), per-epoch probe rows, seconds, steps."""
     pl.seed_everything(seed, verbose=False)
     train_loader.generator.manual_seed(seed)  # shuffles as if the run were alone, whatever ran before it
-    model = AugmentedClassifier(resnet9(cfg["width"]), cfg["augment"], cfg["channels_last"], lr=cfg["lr"])
-    callback = compressor(*parse_run(spec))
+    kind, value, options = parse_run(spec)
+    if kind == "diffq":
+        model = DiffQClassifier(resnet9(cfg["width"]), value, cfg["augment"], cfg["channels_last"], lr=cfg["lr"])
+    else:
+        model = AugmentedClassifier(resnet9(cfg["width"]), cfg["augment"], cfg["channels_last"], lr=cfg["lr"])
+    callback = compressor(kind, value, options)
     probe = EvalVersusReestimated(*probe_loaders, callback, reestimate_batches=cfg["probe_batches"], second_twin=True)
     trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=([callback] if callback else []) + [probe],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -250,7 +290,7 @@ def setting(args) -> dict:
 
 def label(row: dict) -> str:
     name = {"fp32": "fp32", "gamma": "SelfCompress gamma {}", "target": "SelfCompress target {}",
-            "bits": "fixed {:g}-bit QAT"}[row["kind"]].format(row["value"])
+            "bits": "fixed {:g}-bit QAT", "diffq": "DiffQ penalty {:g}"}[row["kind"]].format(row["value"])
     return name + "".join(f", from {value:g} bits" if key == "initial_bits" else f", {key} {value:g}"
                           for key, value in row.get("options", {}).items())
 
@@ -340,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--cpu30", action="store_true", help="width 1/4, 30 epochs, all images (~20-35 min a run)")
     parser.add_argument("--runs", nargs="+", default=None,
-                        help="fp32, gamma:<float>, target:<size> (e.g. target:5%%), bits:<int>; default per setting")
+                        help="fp32, gamma:<float>, target:<size> (e.g. target:5%%), bits:<int>, diffq:<penalty>; "
+                             "default per setting")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="print and plot the runs of these --out files instead of training")
     parser.add_argument("--mean", action="store_true",
@@ -383,8 +424,12 @@ def main(argv: list[str] | None = None) -> dict:
         print("skipped: Pillow is needed to decode the JPEGs (pip install pillow)")
         return {"skipped": "Pillow not installed"}
     specs = args.runs or cfg["runs"]
-    for spec in specs:
-        parse_run(spec)  # every entry checked before any training
+    for spec in specs:  # every entry checked before any training
+        if parse_run(spec)[0] == "diffq":
+            try:
+                import diffq  # noqa: F401
+            except ImportError:
+                raise SystemExit(f"`--runs {spec}` needs DiffQ: pip install -e '.[benchmarks]'") from None
 
     start = time.perf_counter()
     train, test = load_data(args, cfg)
@@ -410,7 +455,10 @@ def main(argv: list[str] | None = None) -> dict:
         row = dict(kind=kind, value=value, options=options, seed=args.seed, steps=steps, seconds=seconds,
                    accuracy=accuracy(model, test_loader),
                    epochs=epochs)
-        if callback is None:
+        if kind == "diffq":
+            row.update(bytes=model.file_bytes(), params=fp32_params)
+            row.update(fraction_of_fp32_bits=row["bytes"] / (4 * fp32_params))
+        elif callback is None:
             row.update(bytes=4 * fp32_params, fraction_of_fp32_bits=1.0, params=fp32_params)
         else:
             size = callback.size()

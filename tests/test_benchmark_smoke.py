@@ -107,18 +107,22 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
         pytest.skip(f"no {CIFAR}")
     pytest.importorskip("PIL")
     results = run("bench_cifar", tmp_path, "--zip", str(CIFAR), "--runs", "fp32", "gamma:0.2", "bits:2",
-                  "--probe-images", "100")
+                  "diffq:10", "--probe-images", "100")
     check_outputs(tmp_path, capsys, "cifar")
     assert results["setting"]["probe_test"] == 100
-    fp32, compressed, fixed = results["runs"]
+    fp32, compressed, fixed, diffq = results["runs"]
     assert fp32["fraction_of_fp32_bits"] == 1.0
     assert 0.0 < compressed["fraction_of_fp32_bits"] < 1.0 and compressed["bytes"] > 0
     assert compressed["finalized_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.02)
     assert fixed["bits_per_weight"] == pytest.approx(2.0, abs=0.01)  # frozen depths: 2 bits a weight, none removed
+    # DiffQ's packed file: smaller than fp32 (at least 2 bits a weight), read as the file's share of fp32 bytes.
+    assert 0 < diffq["bytes"] < fp32["bytes"] and diffq["fraction_of_fp32_bits"] == diffq["bytes"] / fp32["bytes"]
+    assert 0.0 <= diffq["accuracy"] <= 1.0 and diffq["steps"] == fp32["steps"]
     assert all(len(r["epochs"]) == 1 and 0.0 <= r["epochs"][0]["twin"] <= 1.0 for r in results["runs"])
     assert all(0.0 <= r["epochs"][0]["twin2"] <= 1.0 for r in results["runs"])  # the second re-estimate
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
+    assert "DiffQ penalty 10" in capsys.readouterr().out
     assert combined["runs"] == results["runs"] * 2
     assert all(r["seed"] == 0 for r in results["runs"])
     with pytest.raises(ValueError, match="'fp32' twice with the same seed"):  # one run counted as two seeds
@@ -197,7 +201,9 @@ def test_cifar_run_entries_are_checked() -> None:
                                                                                   "bits_lr": 0.05})
     assert parse_run("target:2%,bn_samples=4096")[2] == {"bn_samples": 4096}  # an int, as the callback wants
     assert isinstance(parse_run("target:2%,bn_samples=4096")[2]["bn_samples"], int)
-    for bad in ("gama:0.1", "bits:4,initial_bits=2", "target:5%,initial_bit=2", "target:5%,initial_bits=two"):
+    assert parse_run("diffq:10") == ("diffq", 10.0, {})
+    for bad in ("gama:0.1", "bits:4,initial_bits=2", "target:5%,initial_bit=2", "target:5%,initial_bits=two",
+                "diffq:10,initial_bits=2"):
         with pytest.raises(ValueError, match=repr(bad)):
             parse_run(bad)
 
