@@ -107,22 +107,18 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
         pytest.skip(f"no {CIFAR}")
     pytest.importorskip("PIL")
     results = run("bench_cifar", tmp_path, "--zip", str(CIFAR), "--runs", "fp32", "gamma:0.2", "bits:2",
-                  "diffq:10", "--probe-images", "100")
+                  "--probe-images", "100")
     check_outputs(tmp_path, capsys, "cifar")
     assert results["setting"]["probe_test"] == 100
-    fp32, compressed, fixed, diffq = results["runs"]
+    fp32, compressed, fixed = results["runs"]
     assert fp32["fraction_of_fp32_bits"] == 1.0
     assert 0.0 < compressed["fraction_of_fp32_bits"] < 1.0 and compressed["bytes"] > 0
     assert compressed["finalized_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.02)
     assert fixed["bits_per_weight"] == pytest.approx(2.0, abs=0.01)  # frozen depths: 2 bits a weight, none removed
-    # DiffQ's packed file: smaller than fp32 (at least 2 bits a weight), read as the file's share of fp32 bytes.
-    assert 0 < diffq["bytes"] < fp32["bytes"] and diffq["fraction_of_fp32_bits"] == diffq["bytes"] / fp32["bytes"]
-    assert 0.0 <= diffq["accuracy"] <= 1.0 and diffq["steps"] == fp32["steps"]
     assert all(len(r["epochs"]) == 1 and 0.0 <= r["epochs"][0]["twin"] <= 1.0 for r in results["runs"])
     assert all(0.0 <= r["epochs"][0]["twin2"] <= 1.0 for r in results["runs"])  # the second re-estimate
     assert results["full_setting_run"] is False
     combined = load("bench_cifar").main(["--combine", str(tmp_path / "cifar.json"), str(tmp_path / "cifar.json")])
-    assert "DiffQ penalty 10" in capsys.readouterr().out
     assert combined["runs"] == results["runs"] * 2
     assert all(r["seed"] == 0 for r in results["runs"])
     with pytest.raises(ValueError, match="'fp32' twice with the same seed"):  # one run counted as two seeds
@@ -158,6 +154,19 @@ def test_bn_sources_smoke(tmp_path, capsys) -> None:
     assert 0.0 < results["fraction_of_fp32_bits"] < 1.0
     with pytest.raises(ValueError, match="'fp32'"):
         load("bench_bn_sources").main(["--smoke", "--zip", str(CIFAR), "--run", "fp32"])
+
+
+def test_cifar_diffq_smoke(tmp_path, capsys) -> None:
+    if not CIFAR.exists():
+        pytest.skip(f"no {CIFAR}")
+    pytest.importorskip("PIL")
+    pytest.importorskip("diffq")
+    fp32, diffq = load("bench_cifar").main(["--smoke", "--zip", str(CIFAR), "--runs", "fp32", "diffq:10",
+                                            "--probe-images", "100"])["runs"]
+    # DiffQ's packed file: smaller than fp32 (at least 2 bits a weight), read as the file's share of fp32 bytes.
+    assert 0 < diffq["bytes"] < fp32["bytes"] and diffq["fraction_of_fp32_bits"] == diffq["bytes"] / fp32["bytes"]
+    assert 0.0 <= diffq["accuracy"] <= 1.0 and diffq["steps"] == fp32["steps"]
+    assert "DiffQ penalty 10" in capsys.readouterr().out
 
 
 def test_cifar_augmentation_is_the_training_one() -> None:
