@@ -50,6 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench_bn import EvalVersusReestimated  # noqa: E402
 from bench_mnist import fixed_bits_callback, make_callback  # noqa: E402
+from bench_peers import attach_diffq, diffq_file_bytes  # noqa: E402
 from common import add_run_arguments, header, seed_mean, size_accuracy_axes, write_json  # noqa: E402
 from digits import Classifier, accuracy  # noqa: E402
 from torch import nn  # noqa: E402
@@ -172,17 +173,14 @@ class AugmentedClassifier(Classifier):
 class DiffQClassifier(AugmentedClassifier):
     """DiffQ on the same net and recipe: its differentiable size (MB) times ``penalty`` added to the loss.
 
-    Weights are quantized by groups of 8, biases and batch norms stay float32 (as in
-    ``bench_peers.run_diffq``); in eval mode DiffQ's hooks run the quantized weights.
+    Weights are quantized by groups of 8, biases and batch norms stay float32
+    (``bench_peers.attach_diffq``, as for MNIST); in eval mode DiffQ's hooks run the quantized weights.
     """
 
     def __init__(self, net: nn.Module, penalty: float, augment: bool, channels_last: bool = False, **kwargs) -> None:
-        from diffq import DiffQuantizer
-
         super().__init__(net, augment, channels_last, **kwargs)
         self.penalty = penalty
-        exclude = [name for name, p in net.named_parameters() if p.dim() < 2]
-        self.quantizer = DiffQuantizer(net, group_size=8, min_size=0.0, exclude=exclude)
+        self.quantizer = attach_diffq(net, group_size=8)
 
     def training_step(self, batch, batch_idx):
         return super().training_step(batch, batch_idx) + self.penalty * self.quantizer.model_size()
@@ -193,12 +191,6 @@ class DiffQClassifier(AugmentedClassifier):
         optimizer = torch.optim.AdamW(weights, lr=self.lr, weight_decay=self.weight_decay)
         self.quantizer.setup_optimizer(optimizer)
         return [optimizer], [torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)]
-
-    def file_bytes(self) -> int:
-        """Bytes of ``torch.save(quantizer.get_quantized_state(packed=True))``."""
-        buffer = io.BytesIO()
-        torch.save(self.quantizer.get_quantized_state(packed=True), buffer)
-        return buffer.getbuffer().nbytes
 
 
 def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -456,7 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
                    accuracy=accuracy(model, test_loader),
                    epochs=epochs)
         if kind == "diffq":
-            row.update(bytes=model.file_bytes(), params=fp32_params)
+            row.update(bytes=diffq_file_bytes(model.quantizer), params=fp32_params)
             row.update(fraction_of_fp32_bits=row["bytes"] / (4 * fp32_params))
         elif callback is None:
             row.update(bytes=4 * fp32_params, fraction_of_fp32_bits=1.0, params=fp32_params)

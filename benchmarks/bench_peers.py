@@ -74,11 +74,27 @@ def torch_pruning_to(net: nn.Module, target_params: int, example: torch.Tensor) 
     return prune(net, high, example), high
 
 
+def attach_diffq(net: nn.Module, group_size: int):
+    """A ``DiffQuantizer`` on ``net``: weights by groups of ``group_size``, biases and batch norms in float32."""
+    from diffq import DiffQuantizer
+
+    exclude = [name for name, p in net.named_parameters() if p.dim() < 2]
+    return DiffQuantizer(net, group_size=group_size, min_size=0.0, exclude=exclude)
+
+
+def diffq_file_bytes(quantizer) -> int:
+    """Bytes of the file ``torch.save(quantizer.get_quantized_state(packed=True), "diffq.pt")`` writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "diffq.pt"
+        torch.save(quantizer.get_quantized_state(packed=True), path)
+        return path.stat().st_size
+
+
 def run_diffq(train_loader, test_loader, epochs: int, max_steps: int, seed: int, penalty: float,
               group_size: int) -> dict:
     """DiffQ on the same net with the same optimizer and schedule, plain training loop."""
     try:
-        from diffq import DiffQuantizer
+        import diffq  # noqa: F401
     except ImportError as error:
         return {"not_measured": f"diffq not importable: {error}"}
     torch.manual_seed(seed)
@@ -86,8 +102,7 @@ def run_diffq(train_loader, test_loader, epochs: int, max_steps: int, seed: int,
     net_params = params(net)
     lr, weight_decay = 3e-3, 5e-4  # as examples/digits.py Classifier
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    exclude = [name for name, p in net.named_parameters() if p.dim() < 2]  # biases, batch norms: fp32
-    quantizer = DiffQuantizer(net, group_size=group_size, min_size=0.0, exclude=exclude)
+    quantizer = attach_diffq(net, group_size)
     quantizer.setup_optimizer(optimizer)
     total = max_steps if max_steps > 0 else epochs * len(train_loader)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs or 1, 1))
@@ -105,11 +120,7 @@ def run_diffq(train_loader, test_loader, epochs: int, max_steps: int, seed: int,
         schedule.step()
     seconds = time.perf_counter() - start
     acc = accuracy(net, test_loader)  # eval mode: DiffQ's hooks run the quantized weights
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "diffq.pt"
-        torch.save(quantizer.get_quantized_state(packed=True), path)
-        file_bytes = path.stat().st_size
-    return dict(method="diffq", steps=steps, seconds=seconds, accuracy=acc, file_bytes=file_bytes,
+    return dict(method="diffq", steps=steps, seconds=seconds, accuracy=acc, file_bytes=diffq_file_bytes(quantizer),
                 estimated_bytes=round(quantizer.true_model_size() * 2**20), params=net_params,
                 config=f"penalty {penalty:g} x model_size (MB), group_size {group_size}, biases/BN fp32")
 
