@@ -67,3 +67,13 @@ def tiny_trainer(max_epochs: int = 2, **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def fit(callback: pl.Callback, epochs: int = 3, seed: int = 0, optimizer: str = "adamw", dropout: float = 0.1,
+        **trainer_kwargs) -> tuple[Classifier, pl.Trainer]:
+    """``small_cnn`` trained on ``random_loader`` with ``callback``, from seed ``seed``."""
+    pl.seed_everything(seed, verbose=False)
+    model = Classifier(small_cnn(dropout=dropout), optimizer=optimizer)
+    trainer = tiny_trainer(epochs, **({"callbacks": [callback]} | trainer_kwargs))
+    trainer.fit(model, random_loader())
+    return model, trainer

@@ -10,18 +10,10 @@ from torch import nn
 
 from selfcompress import SelfCompress
 from selfcompress.batchnorm import RecentInputs, batch_norms, reestimate_batch_norm, sample_count
-from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
+from tests.helpers import Classifier, fit, random_loader, small_cnn, tiny_trainer
 
 #: Eval outputs of the trained model against its re-estimated twin: relative to the output scale.
 TOLERANCE = 1e-5
-
-
-def fit(callback: SelfCompress, epochs: int = 3, dropout: float = 0.1, **kwargs):
-    pl.seed_everything(0, verbose=False)
-    model = Classifier(small_cnn(dropout=dropout))
-    trainer = tiny_trainer(epochs, callbacks=[callback], **kwargs)
-    trainer.fit(model, random_loader())
-    return model, trainer
 
 
 def eval_outputs(net: nn.Module) -> torch.Tensor:
@@ -135,28 +127,6 @@ def test_validation_and_checkpoints_see_the_reestimated_model(tmp_path) -> None:
         saved = torch.load(tmp_path / f"epoch={epoch}.ckpt", weights_only=False)["state_dict"]
         for name, value in model.stats[epoch].items():
             torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
-
-
-def test_resume_equals_the_uninterrupted_run_with_running_statistics(tmp_path) -> None:
-    # No dropout: Lightning checkpoints do not hold the global random state.
-    full, _ = fit(SelfCompress(gamma=0.5, ramp_steps=3), epochs=4, dropout=0.0)
-
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    pl.seed_everything(0, verbose=False)
-    first = Classifier(small_cnn(dropout=0.0))
-    tiny_trainer(2, callbacks=[SelfCompress(gamma=0.5, ramp_steps=3), checkpoint], enable_checkpointing=True).fit(
-        first, random_loader()
-    )
-    pl.seed_everything(123, verbose=False)
-    resumed = Classifier(small_cnn(dropout=0.0))
-    tiny_trainer(4, callbacks=[SelfCompress(gamma=0.5, ramp_steps=3)]).fit(
-        resumed, random_loader(), ckpt_path=tmp_path / "last.ckpt"
-    )
-    expected, actual = full.state_dict(), resumed.state_dict()
-    assert expected.keys() == actual.keys()
-    assert any("running_var" in key for key in expected)
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_statistics_come_from_the_last_batches_holding_bn_samples() -> None:

@@ -8,17 +8,7 @@ from torch import nn
 
 from selfcompress import SelfCompress, finalize, quantized_tensors
 from selfcompress.callback import schedule_factor
-from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
-
-
-def fit(
-    callback: SelfCompress, epochs: int = 3, seed: int = 0, optimizer: str = "adamw", dropout=0.1, **trainer_kwargs
-):
-    pl.seed_everything(seed, verbose=False)
-    model = Classifier(small_cnn(dropout=dropout), optimizer=optimizer)
-    trainer = tiny_trainer(epochs, **({"callbacks": [callback]} | trainer_kwargs))
-    trainer.fit(model, random_loader())
-    return model, trainer
+from tests.helpers import Classifier, fit, random_loader, small_cnn, tiny_trainer
 
 
 def mean_bits(model: nn.Module) -> float:
@@ -103,6 +93,7 @@ def test_resume_equals_the_uninterrupted_run(tmp_path) -> None:
 
     expected, actual = full.state_dict(), resumed.state_dict()
     assert expected.keys() == actual.keys()
+    assert any("running_var" in key for key in expected)  # the re-estimated statistics resume too
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
     expected_state = full_callback._optimizer.state_dict()["state"]
