@@ -1,7 +1,8 @@
 """CIFAR-10 ResNet-9: how far the callback's batch-norm statistics are from other honest estimates.
 
 Trains one compressing run (``--run``, default ``target:2%,initial_bits=2``, the most
-compressed net of ``bench_cifar``) for ``--epochs`` with bfloat16 autocast, then measures
+compressed net of ``bench_cifar``; ``bits:<n>`` for fixed-bit QAT) for ``--epochs`` with
+bfloat16 autocast, then measures
 on all test images the accuracy of the model as the callback left it (statistics from the
 epoch's last 2,048 augmented training samples, under autocast) against copies whose batch
 norms are re-estimated on shuffled training images:
@@ -13,9 +14,13 @@ norms are re-estimated on shuffled training images:
 
 each evaluated in float32 and under bfloat16 autocast. ``bench_cifar``'s per-epoch probe
 compares with plain, float32 re-estimates on 2,000 test images; this says which of these
-differences move accuracy, on five times the images.
+differences move accuracy, on five times the images. ``--schedule-epochs N`` stops after
+``--epochs`` of an N-epoch learning-rate schedule: for ``bits:<n>`` runs, the first epochs of
+``bench_cifar --cpu30`` on the same seed, weight for weight (a target's ramp follows the
+shorter run).
 
     python benchmarks/bench_bn_sources.py --epochs 6 --threads 1 --out bn_sources.json
+    python benchmarks/bench_bn_sources.py --run bits:2 --epochs 2 --schedule-epochs 30 --threads 1
 """
 
 from __future__ import annotations
@@ -68,11 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--run", default="target:2%,initial_bits=2", help="a bench_cifar --runs entry that compresses")
+    parser.add_argument("--schedule-epochs", type=int, default=None,
+                        help="length of the learning-rate schedule, in epochs (default: --epochs)")
     parser.add_argument("--shuffles", type=int, default=3)
     add_run_arguments(parser, plot=False)
     args = parser.parse_args(argv)
-    if parse_run(args.run)[0] not in ("gamma", "target"):
-        raise ValueError(f"`--run` must be a gamma:<float> or target:<size> entry, got {args.run!r}.")
+    if parse_run(args.run)[0] not in ("gamma", "target", "bits"):
+        raise ValueError(f"`--run` must be a gamma:<float>, target:<size> or bits:<n> entry, got {args.run!r}.")
+    schedule_epochs = args.schedule_epochs or args.epochs
+    if schedule_epochs < args.epochs:
+        raise ValueError(f"`--schedule-epochs` must be at least --epochs ({args.epochs}), got {schedule_epochs}.")
     torch.set_num_threads(args.threads)
     if not args.zip.exists():
         print(f"skipped: no {args.zip} (pass --zip)")
@@ -87,13 +97,15 @@ def main(argv: list[str] | None = None) -> dict:
                         generator=torch.Generator().manual_seed(args.seed))
     model = AugmentedClassifier(resnet9(cfg["width"]), augment=True, channels_last=True)
     callback = compressor(*parse_run(args.run))
-    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed")
+    trainer = pl.Trainer(max_epochs=schedule_epochs, max_steps=args.epochs * len(loader), callbacks=[callback],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, precision="bf16-mixed")
     start = time.perf_counter()
     trainer.fit(model, loader)
     net = model.net.cpu()
     print(header())
-    print(f"CIFAR-10 ResNet-9 width x{cfg['width']:g}, {args.run}, {args.epochs} epoch(s) on {len(train):,} images "
+    print(f"CIFAR-10 ResNet-9 width x{cfg['width']:g}, {args.run}, {args.epochs} epoch(s) of a {schedule_epochs}-epoch "
+          f"schedule on {len(train):,} images "
           f"({time.perf_counter() - start:.0f} s), {100 * callback.size().fraction_of_fp32:.2f} % of fp32 bits; "
           f"accuracy on {len(test):,} test images (float32 eval / bfloat16 eval)")
     rows = [dict(source="callback (last samples of training, augmented, bf16)", samples=callback.bn_samples,
@@ -108,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         cells = ["/".join(f"{100 * a:.2f}" for a in row[key]) for key in ("fp32_eval", "bf16_eval")]
         print(f"{row['source']:>55}{row['samples']:>9,}  {cells[0]:<26}{cells[1]:<26}")
-    results = {"benchmark": "bn_sources", "run": args.run, "epochs": args.epochs, "seed": args.seed,
+    results = {"benchmark": "bn_sources", "run": args.run, "epochs": args.epochs, "schedule_epochs": trainer.max_epochs,
+               "seed": args.seed, "steps": trainer.global_step,
                "fraction_of_fp32_bits": callback.size().fraction_of_fp32, "rows": rows}
     write_json(args.out, results)
     return results

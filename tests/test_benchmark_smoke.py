@@ -137,8 +137,9 @@ def test_bn_sources_smoke(tmp_path, capsys) -> None:
     if not CIFAR.exists():
         pytest.skip(f"no {CIFAR}")
     pytest.importorskip("PIL")
-    results = load("bench_bn_sources").main(["--smoke", "--epochs", "1", "--shuffles", "2", "--zip", str(CIFAR),
-                                              "--run", "gamma:0.2", "--out", str(tmp_path / "bn.json")])
+    results = load("bench_bn_sources").main(["--smoke", "--epochs", "1", "--schedule-epochs", "3", "--shuffles", "2",
+                                              "--zip", str(CIFAR), "--run", "gamma:0.2",
+                                              "--out", str(tmp_path / "bn.json")])
     out = capsys.readouterr().out
     assert "command: python" in out and "machine:" in out
     assert json.loads((tmp_path / "bn.json").read_text())["rows"] == results["rows"]
@@ -152,8 +153,15 @@ def test_bn_sources_smoke(tmp_path, capsys) -> None:
     assert all(len(t["fp32_eval"]) == len(t["bf16_eval"]) == 2 for t in twins)
     assert all(0.0 <= a <= 1.0 for r in results["rows"] for a in r["fp32_eval"] + r["bf16_eval"])
     assert 0.0 < results["fraction_of_fp32_bits"] < 1.0
+    # One epoch (25 images a class, batches of 64, the last dropped: 3 steps) of a three-epoch schedule.
+    assert (results["steps"], results["epochs"], results["schedule_epochs"]) == (3, 1, 3)
+    fixed = load("bench_bn_sources").main(["--smoke", "--epochs", "1", "--shuffles", "1", "--zip", str(CIFAR),
+                                            "--run", "bits:2"])
+    assert fixed["schedule_epochs"] == 1 and fixed["steps"] == 3
     with pytest.raises(ValueError, match="'fp32'"):
         load("bench_bn_sources").main(["--smoke", "--zip", str(CIFAR), "--run", "fp32"])
+    with pytest.raises(ValueError, match="`--schedule-epochs` must be at least --epochs"):
+        load("bench_bn_sources").main(["--smoke", "--zip", str(CIFAR), "--epochs", "2", "--schedule-epochs", "1"])
 
 
 def test_cifar_diffq_smoke(tmp_path, capsys) -> None:
