@@ -2,8 +2,9 @@
 
 Same data, batch, optimizer (AdamW 3e-3, cosine) and training steps for every method:
 
-- SelfCompress over a gamma sweep; bytes of the file ``selfcompress.save`` writes (its
-  default, fixed-width codes; the lzma file is printed beside it);
+- SelfCompress over a gamma sweep (``--gammas 0.002,0.01@4``: a point may start its bit
+  depths elsewhere than ``--initial-bits``); bytes of the file ``selfcompress.save``
+  writes (its default, fixed-width codes; the lzma file is printed beside it);
 - fixed-bit quantization-aware training at 8, 4 and 2 bits: our quantizer with frozen bit
   depths and learned scales (``bench_mnist.fixed_bits_callback``); same file writer;
 - DiffQ over a sweep of its size penalty; bytes of
@@ -15,15 +16,16 @@ Same data, batch, optimizer (AdamW 3e-3, cosine) and training steps for every me
 A peer point is *matched* when some SelfCompress point has at least its accuracy in a
 file of no more bytes; with ``--seeds N`` every point is trained on N seeds and accuracy
 and bytes are their means. Settings: default (short, CPU) 2 epochs of the 60,000 images at
-batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method. The runs
-of one process share the training loader's shuffle (see ``bench_mnist.fit``): a point is
-reproduced by the whole command, with the same ``--gammas`` and seeds.
+batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method. Every
+run of a seed starts the training shuffle afresh from that seed, so all methods see the
+same batches in the same order, and a point does not depend on which points ran before it.
 
     python benchmarks/bench_pareto.py --threads 2 --out pareto.json --plot benchmarks/plots/mnist_pareto.png
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -79,6 +81,19 @@ def plot(path: str, rows: list[dict], title: str) -> None:
                         linestyle="-" if method == "selfcompress" else ":")
 
 
+def gamma_points(text: str) -> list[tuple[float, float | None]]:
+    """``"0.002,0.01@4"`` -> ``[(0.002, None), (0.01, 4.0)]``: gammas, each with its own start bits or None."""
+    points = []
+    for item in text.split(","):
+        gamma, at, bits = item.partition("@")
+        try:
+            points.append((float(gamma), float(bits) if at else None))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--gammas item {item!r} is not GAMMA or GAMMA@BITS (e.g. 0.01 or 0.01@4)") from None
+    return points
+
+
 def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
     """Every method's points for one seed, in a fixed order, and why DiffQ was not measured (None if it was).
 
@@ -93,14 +108,18 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
         rows.append(row | {"seed": seed})
         add(rows[-1])
 
-    base, _, seconds, steps = fit(train_loader, cfg["epochs"], None, seed)
+    def run(epochs: int, **kwargs):
+        train_loader.generator.manual_seed(seed)  # the same batches for every method
+        return fit(train_loader, epochs, None, seed, **kwargs)
+
+    base, _, seconds, steps = run(cfg["epochs"])
     measured(dict(method="fp32", config="", steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
                   file_bytes=state_dict_bytes(base.net), params=params(base.net)))
 
-    start_bits = cfg["initial_bits"]
-    for gamma in cfg["gammas"]:
+    for gamma, own_bits in cfg["gammas"]:
+        start_bits = cfg["initial_bits"] if own_bits is None else own_bits
         callback = make_callback(gamma, initial_bits=start_bits)
-        model, _, seconds, steps = fit(train_loader, cfg["epochs"], None, seed, extra_callbacks=[callback])
+        model, _, seconds, steps = run(cfg["epochs"], extra_callbacks=[callback])
         sc = evaluate_selfcompress(model, callback, test_loader, example)
         config = f"gamma {gamma:g}" + ("" if start_bits == INITIAL_BITS else f", from {start_bits:g} bits")
         measured(dict(method="selfcompress", config=config, steps=steps, seconds=seconds,
@@ -110,7 +129,7 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
 
     for bits in cfg["bits"]:
         callback = fixed_bits_callback(int(bits))
-        model, _, seconds, steps = fit(train_loader, cfg["epochs"], None, seed, extra_callbacks=[callback])
+        model, _, seconds, steps = run(cfg["epochs"], extra_callbacks=[callback])
         compact = selfcompress.finalize(model.net)
         measured(dict(method="fixed-bit QAT", config=f"{bits:g} bits", steps=steps, seconds=seconds,
                       accuracy=accuracy(compact, test_loader), file_bytes=packed_file_bytes(model.net, example)[0],
@@ -118,6 +137,7 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
                       params=params(compact)))
 
     for penalty in cfg["diffq_penalties"]:
+        train_loader.generator.manual_seed(seed)
         row = run_diffq(train_loader, test_loader, cfg["epochs"], -1, seed, penalty, 8)
         if "not_measured" in row:
             diffq_not_measured = row["not_measured"]
@@ -129,7 +149,7 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
     for ratio in cfg["pruning_ratios"]:
         start = time.perf_counter()
         pruned = prune(base.net, ratio, example)
-        tuned, _, ft_seconds, ft_steps = fit(train_loader, 1, None, seed, net=pruned)
+        tuned, _, ft_seconds, ft_steps = run(1, net=pruned)
         measured(dict(method="torch-pruning + fine-tune", config=f"ratio {ratio:g}", steps=rows[0]["steps"] + ft_steps,
                       seconds=rows[0]["seconds"] + time.perf_counter() - start, accuracy=accuracy(tuned, test_loader),
                       file_bytes=state_dict_bytes(tuned.net), params=params(tuned.net)))
@@ -144,7 +164,9 @@ def averaged(per_seed: list[list[dict]]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = parser_with_common(__doc__)
-    parser.add_argument("--gammas", type=floats, default=[0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.08])
+    parser.add_argument("--gammas", type=gamma_points, default=None,
+                        help="comma-separated gammas; GAMMA@BITS starts that point's bit depths at BITS "
+                             "(default 0.002,0.005,0.01,0.02,0.03,0.05,0.08; --smoke: 0.05)")
     parser.add_argument("--bits", type=floats, default=[8, 4, 2], help="fixed-bit QAT depths")
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
@@ -161,10 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
         return skipped
     if args.smoke:
         cfg = dict(name="smoke", epochs=1, batch_size=128, train_subset=512, test_subset=1000)
-        args.gammas, args.bits, args.diffq_penalties, args.pruning_ratios = [0.05], [4], [10], [0.5]
+        args.gammas = args.gammas or [(0.05, None)]
+        args.bits, args.diffq_penalties, args.pruning_ratios = [4], [10], [0.5]
     else:
         cfg = dict(name="short (CPU)", epochs=args.epochs, batch_size=args.batch_size,
                    train_subset=args.train_subset, test_subset=None)
+    args.gammas = args.gammas or gamma_points("0.002,0.005,0.01,0.02,0.03,0.05,0.08")
     seeds = list(range(args.seed, args.seed + args.seeds))
     cfg.update(gammas=args.gammas, initial_bits=args.initial_bits, bits=args.bits, diffq_penalties=args.diffq_penalties,
                pruning_ratios=args.pruning_ratios, seeds=seeds)

@@ -6,6 +6,7 @@ the CIFAR-10 one when the zip or Pillow is absent. bench_cost falls back to rand
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -76,14 +77,30 @@ def test_peers_smoke(tmp_path, capsys) -> None:
 
 @needs_mnist
 def test_pareto_smoke(tmp_path, capsys) -> None:
-    results = run("bench_pareto", tmp_path, "--data-dir", str(MNIST), "--initial-bits", "2")
+    results = run("bench_pareto", tmp_path, "--data-dir", str(MNIST), "--initial-bits", "2", "--gammas", "0.1@4,0.05")
     check_outputs(tmp_path, capsys, "pareto")
-    assert results["setting"]["initial_bits"] == 2.0 and results["runs"][1]["config"] == "gamma 0.05, from 2 bits"
+    assert results["setting"]["initial_bits"] == 2.0
+    assert [r["config"] for r in results["runs"][1:3]] == ["gamma 0.1, from 4 bits", "gamma 0.05, from 2 bits"]
     methods = [r["method"] for r in results["runs"]]
-    assert methods[:3] == ["fp32", "selfcompress", "fixed-bit QAT"] and "torch-pruning + fine-tune" in methods
-    qat = results["runs"][2]
+    assert methods[:4] == ["fp32", "selfcompress", "selfcompress", "fixed-bit QAT"]
+    assert "torch-pruning + fine-tune" in methods
+    qat = results["runs"][3]
     assert qat["bits_per_weight"] == pytest.approx(4.0, abs=0.01)  # frozen depths: 4 bits a weight, none removed
     assert all(r["file_bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
+
+    # Each run reshuffles from the seed: without the 0.1 point before it, every other point is the same.
+    alone = run("bench_pareto", tmp_path, "--data-dir", str(MNIST), "--initial-bits", "2", "--gammas", "0.05")
+    same = ("accuracy", "file_bytes", "params")
+    assert [{k: r[k] for k in same} for r in alone["runs"]] == [
+        {k: r[k] for k in same} for r in results["runs"] if r["config"] != "gamma 0.1, from 4 bits"]
+
+
+@pytest.mark.parametrize("text", ["0.1@", "0.1@four", "x", "0.1,,0.2"])
+def test_pareto_refuses_bad_gamma_points(text: str) -> None:
+    gamma_points = load("bench_pareto").gamma_points
+    assert gamma_points("0.002,0.01@4") == [(0.002, None), (0.01, 4.0)]
+    with pytest.raises(argparse.ArgumentTypeError, match="--gammas item .* is not GAMMA or GAMMA@BITS"):
+        gamma_points(text)
 
 
 def test_pareto_matching() -> None:
