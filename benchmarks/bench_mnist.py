@@ -99,7 +99,8 @@ def fit(train_loader, epochs: int, gamma: float | None, seed: int, max_steps: in
 
     Runs of one process share ``train_loader``, so each run's shuffle goes on from where the
     previous run's stopped: a figure is reproduced by its whole command, not by its run alone
-    (kept so, since reseeding per run, as ``bench_cifar`` does, would move every recorded figure).
+    (kept so for this benchmark's and ``bench_peers``' recorded figures; ``bench_pareto`` and
+    ``bench_cifar`` reseed the shuffle before every run).
     """
     pl.seed_everything(seed, verbose=False)
     model = Classifier(net if net is not None else mnist_cnn())
