@@ -119,6 +119,19 @@ def test_pareto_matching() -> None:
     assert best == [0.8, 0.8, None]
 
 
+def test_pareto_matching_counts_equal_image_counts_as_equal() -> None:
+    """Three seeds' float32 accuracies with the same number of right images in all: a tie, matched."""
+    bench = load("bench_pareto")
+    ours = [torch.tensor(n / 10_000).item() for n in (9921, 9895, 9909)]
+    peer = [torch.tensor(n / 10_000).item() for n in (9910, 9904, 9911)]
+    assert sum(ours) / 3 < sum(peer) / 3  # float32 rounding alone puts the tie on the wrong side
+    rows = [dict(method="selfcompress", file_bytes=100, accuracy=sum(ours) / 3),
+            dict(method="fixed-bit QAT", file_bytes=100, accuracy=sum(peer) / 3),
+            dict(method="diffq", file_bytes=100, accuracy=sum(peer) / 3 + 1 / 30_000)]  # one image more
+    bench.matched(rows)
+    assert [r.get("matched") for r in rows] == [None, True, False]
+
+
 def test_cifar_smoke(tmp_path, capsys) -> None:
     if not CIFAR.exists():
         pytest.skip(f"no {CIFAR}")
