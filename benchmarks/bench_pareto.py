@@ -60,6 +60,8 @@ MARKERS = {"fp32": ("k", "x"), "selfcompress": ("C0", "o"), "fixed-bit QAT": ("C
            "torch-pruning + fine-tune": ("C3", "v")}
 
 
+DEFAULT_GAMMAS = "0.002,0.005,0.01,0.02,0.03,0.05,0.08"
+
 #: Accuracies closer than this are equal: they come from float32 metrics, and one test image
 #: in 10,000, averaged over three seeds, is 3e-5.
 SAME_ACCURACY = 1e-6
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = parser_with_common(__doc__)
     parser.add_argument("--gammas", type=gamma_points, default=None,
                         help="comma-separated gammas; GAMMA@BITS starts that point's bit depths at BITS "
-                             "(default 0.002,0.005,0.01,0.02,0.03,0.05,0.08; --smoke: 0.05)")
+                             f"(default {DEFAULT_GAMMAS}; --smoke: 0.05)")
     parser.add_argument("--bits", type=floats, default=[8, 4, 2], help="fixed-bit QAT depths")
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
     parser.add_argument("--pruning-ratios", type=floats, default=[0.3, 0.5, 0.7, 0.85])
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cfg = dict(name="short (CPU)", epochs=args.epochs, batch_size=args.batch_size,
                    train_subset=args.train_subset, test_subset=None)
-    args.gammas = args.gammas or gamma_points("0.002,0.005,0.01,0.02,0.03,0.05,0.08")
+    args.gammas = args.gammas or gamma_points(DEFAULT_GAMMAS)
     seeds = list(range(args.seed, args.seed + args.seeds))
     cfg.update(gammas=args.gammas, initial_bits=args.initial_bits, bits=args.bits, diffq_penalties=args.diffq_penalties,
                pruning_ratios=args.pruning_ratios, seeds=seeds)
