@@ -47,8 +47,8 @@ def have_data(data_dir: Path) -> bool:
 
 
 def floats(text: str) -> list[float]:
-    """``"0.02,0.1"`` -> ``[0.02, 0.1]`` (an argparse type)."""
-    return [float(v) for v in text.split(",")]
+    """``"0.02,0.1"`` -> ``[0.02, 0.1]``, ``""`` -> ``[]`` (an argparse type)."""
+    return [float(v) for v in text.split(",")] if text else []
 
 
 def skip_without_data(data_dir: Path) -> dict | None:

@@ -18,7 +18,8 @@ file of no more bytes; with ``--seeds N`` every point is trained on N seeds and 
 and bytes are their means. Settings: default (short, CPU) 2 epochs of the 60,000 images at
 batch 128 (936 steps); ``--smoke`` 512 images, 1 epoch, one point of each method. Every
 run of a seed starts the training shuffle afresh from that seed, so all methods see the
-same batches in the same order, and a point does not depend on which points ran before it.
+same batches in the same order, and a point does not depend on which points ran before it:
+``--combine`` merges files of different seeds or of different points of one sweep.
 
     python benchmarks/bench_pareto.py --threads 2 --out pareto.json --plot benchmarks/plots/mnist_pareto.png
 """
@@ -214,20 +215,47 @@ def main(argv: list[str] | None = None) -> dict:
     return report(args, results, [rows for rows, _ in swept])
 
 
+#: Settings that list a sweep's seeds and points: ``--combine`` files may differ in these.
+POINT_LISTS = ("seeds", "gammas", "bits", "diffq_penalties", "pruning_ratios")
+
+
 def combine(args) -> dict:
-    """The runs of several ``--out`` files (one or more seeds each, same settings), averaged over every seed."""
+    """The runs of several ``--out`` files, averaged over every seed.
+
+    The files share their settings but may hold different seeds or different points of
+    one sweep: every run reshuffles from its seed, so a point does not depend on what ran
+    beside it. A point run in two files must have the same accuracy and bytes in both.
+    """
     files = [json.loads(path.read_text()) for path in args.combine]
-    settings = [{k: v for k, v in f["setting"].items() if k != "seeds"} for f in files]
+    settings = [{k: v for k, v in f["setting"].items() if k not in POINT_LISTS} for f in files]
     if any(setting != settings[0] for setting in settings):
         raise ValueError(f"`--combine` files {[str(p) for p in args.combine]} were not run with the same settings.")
-    seed_runs = [row for f in files for row in f["seed_runs"]]
-    seeds = sorted({row["seed"] for row in seed_runs})
-    results = {"benchmark": "pareto", "setting": {**files[0]["setting"], "seeds": seeds}, "runs": [],
-               "seed_runs": seed_runs, "combined": [str(path) for path in args.combine]}
+    runs: dict[tuple, dict] = {}
+    for row in (row for f in files for row in f["seed_runs"]):
+        key = (row["seed"], row["method"], row["config"])
+        first = runs.setdefault(key, row)
+        if (first["accuracy"], first["file_bytes"]) != (row["accuracy"], row["file_bytes"]):
+            raise ValueError(f"`--combine` files disagree on seed {key[0]} {key[1]} {key[2]!r}: "
+                             f"{first['accuracy']:.4%} in {first['file_bytes']:,} bytes against "
+                             f"{row['accuracy']:.4%} in {row['file_bytes']:,}.")
+    seeds = sorted({seed for seed, _, _ in runs})
+    methods = list(MARKERS)
+    points = sorted(dict.fromkeys(key[1:] for key in runs), key=lambda point: methods.index(point[0]))
+    if missing := [(seed, *point) for seed in seeds for point in points if (seed, *point) not in runs]:
+        raise ValueError(f"`--combine` files have no run of {missing[0][1]} {missing[0][2]!r} on seed {missing[0][0]}.")
+    setting = {**files[0]["setting"], "seeds": seeds}
+    for key in POINT_LISTS[1:]:
+        merged: list = []
+        for f in files:
+            merged += [v for v in f["setting"].get(key, []) if v not in merged]
+        setting[key] = merged
+    results = {"benchmark": "pareto", "setting": setting, "runs": [],
+               "seed_runs": [runs[(seed, *point)] for seed in seeds for point in points],
+               "combined": [str(path) for path in args.combine]}
     print(header(), flush=True)
     for path, f in zip(args.combine, files, strict=True):
         print(f"{path}: {f.get('command')}; {f.get('machine')}")
-    return report(args, results, [[row for row in seed_runs if row["seed"] == seed] for seed in seeds])
+    return report(args, results, [[runs[(seed, *point)] for point in points] for seed in seeds])
 
 
 def report(args, results: dict, per_seed: list[list[dict]]) -> dict:

@@ -132,6 +132,43 @@ def test_pareto_matching_counts_equal_image_counts_as_equal() -> None:
     assert [r.get("matched") for r in rows] == [None, True, False]
 
 
+def test_pareto_combines_points_from_several_files(tmp_path) -> None:
+    """A sweep split across processes: pieces with different points merge, runs in two pieces must agree."""
+    setting = dict(name="short (CPU)", epochs=2, batch_size=128, test_subset=None, bits=[2], diffq_penalties=[],
+                   pruning_ratios=[])
+
+    def row(method: str, config: str, seed: int, accuracy: float, file_bytes: int) -> dict:
+        return dict(method=method, config=config, seed=seed, steps=9, accuracy=accuracy, file_bytes=file_bytes,
+                    params=10, seconds=1.0)
+
+    def piece(name: str, gammas: list, rows: list[dict], bits: list) -> str:
+        path = tmp_path / f"{name}.json"
+        seeds = sorted({r["seed"] for r in rows})
+        path.write_text(json.dumps({"setting": {**setting, "gammas": gammas, "bits": bits, "seeds": seeds},
+                                    "seed_runs": rows}))
+        return str(path)
+
+    first = piece("first", [[0.01, None]], [r for seed in (0, 1) for r in (
+        row("fp32", "", seed, 0.99, 400), row("selfcompress", "gamma 0.01", seed, 0.90, 50),
+        row("fixed-bit QAT", "2 bits", seed, 0.95, 60))], [2])
+    more = [r for seed in (0, 1) for r in (row("fp32", "", seed, 0.99, 400),
+                                           row("selfcompress", "gamma 0.001", seed, 0.96, 55))]
+    second = piece("second", [[0.001, None]], more, [])
+    results = load("bench_pareto").main(["--combine", first, second])
+    assert [(r["method"], r["config"]) for r in results["runs"]] == [
+        ("fp32", ""), ("selfcompress", "gamma 0.01"), ("selfcompress", "gamma 0.001"), ("fixed-bit QAT", "2 bits")]
+    assert results["setting"]["gammas"] == [[0.01, None], [0.001, None]] and results["setting"]["bits"] == [2]
+    assert results["runs"][3]["matched"] and results["runs"][0]["seed_accuracies"] == [0.99, 0.99]
+    assert len(results["seed_runs"]) == 8  # fp32 once per seed
+
+    disagreeing = piece("disagreeing", [], [row("fp32", "", 1, 0.98, 400)], [])
+    with pytest.raises(ValueError, match="disagree on seed 1 fp32 '': 99.0000% in 400 bytes against 98.0000%"):
+        load("bench_pareto").main(["--combine", first, second, disagreeing])
+    one_seed = piece("one_seed", [[0.002, None]], [row("selfcompress", "gamma 0.002", 0, 0.9, 40)], [])
+    with pytest.raises(ValueError, match="no run of selfcompress 'gamma 0.002' on seed 1"):
+        load("bench_pareto").main(["--combine", first, one_seed])
+
+
 def test_cifar_smoke(tmp_path, capsys) -> None:
     if not CIFAR.exists():
         pytest.skip(f"no {CIFAR}")
