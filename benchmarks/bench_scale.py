@@ -1,7 +1,8 @@
 """Does gamma mean the same thing at every scale? One architecture at widths x1, x4 and x16.
 
 Trains the digits CNN and a digits MLP (no batch norm) at three widths under one gamma and
-prints the bits per weight, the size as a fraction of fp32 and the test accuracy of each::
+prints the bits per weight (and how they split into weights kept and bits per kept weight),
+the size as a fraction of fp32 and the test accuracy of each beside its fp32 twin's::
 
     python benchmarks/bench_scale.py --epochs 20 --gamma 0.05 --out scale.json
 """
@@ -34,15 +35,15 @@ def digits_mlp(hidden: int) -> nn.Sequential:
 ARCHITECTURES = {"cnn": (digits_cnn, 8), "mlp": (digits_mlp, 32)}
 
 
-def run(kind: str, scale: int, epochs: int, gamma: float, seed: int) -> dict:
+def fit(kind: str, scale: int, epochs: int, seed: int, callbacks: list) -> tuple[Classifier, float, float]:
+    """Train one net of ``kind`` at ``scale``: the module, its test accuracy and the seconds it took."""
     build, base = ARCHITECTURES[kind]
     pl.seed_everything(seed, verbose=False)
     train_loader, test_loader = digits_loaders(seed=seed)
     model = Classifier(build(base * scale))
-    callback = selfcompress.SelfCompress(gamma=gamma, print_report=False)
     trainer = pl.Trainer(
         max_epochs=epochs,
-        callbacks=[callback],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -51,16 +52,27 @@ def run(kind: str, scale: int, epochs: int, gamma: float, seed: int) -> dict:
     )
     start = time.perf_counter()
     trainer.fit(model, train_loader)
+    return model, accuracy(model, test_loader), time.perf_counter() - start
+
+
+def run(kind: str, scale: int, epochs: int, gamma: float, seed: int) -> dict:
+    """One net compressed under ``gamma``, beside its fp32 twin (same seed and epochs)."""
+    callback = selfcompress.SelfCompress(gamma=gamma, print_report=False)
+    _, compressed_accuracy, seconds = fit(kind, scale, epochs, seed, [callback])
+    _, fp32_accuracy, _ = fit(kind, scale, epochs, seed, [])
     size = callback.size()
     return dict(
         kind=kind,
         scale=scale,
-        width=base * scale,
+        width=ARCHITECTURES[kind][1] * scale,
         weights=size.weights_total,
+        weights_kept=size.weights_kept / size.weights_total,
         bits_per_weight=size.bits_per_weight,
+        bits_per_kept_weight=size.bits_per_weight * size.weights_total / max(size.weights_kept, 1),
         fraction=size.fraction_of_fp32,
-        accuracy=accuracy(model, test_loader),
-        seconds=time.perf_counter() - start,
+        accuracy=compressed_accuracy,
+        fp32_accuracy=fp32_accuracy,
+        seconds=seconds,
     )
 
 
@@ -77,12 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [run(kind, scale, epochs, args.gamma, args.seed) for kind in args.kinds for scale in scales]
     print(header())
-    print(f"digits, {epochs} epochs, gamma {args.gamma}, seed {args.seed}")
-    print(f"{'net':>4} {'scale':>5} {'weights':>10} {'bits/weight':>11} {'of fp32':>8} {'accuracy':>9} {'seconds':>8}")
+    print(f"digits, {epochs} epochs, gamma {args.gamma}, seed {args.seed}; kept: share of the weights left after "
+          "closing channels; seconds: the compressed run")
+    print(f"{'net':>4} {'scale':>5} {'weights':>10} {'kept':>7} {'bits/weight':>11} {'bits/kept':>9} "
+          f"{'of fp32':>8} {'accuracy':>9} {'fp32 acc.':>9} {'seconds':>8}")
     for r in rows:
         print(
-            f"{r['kind']:>4} {'x' + str(r['scale']):>5} {r['weights']:>10,} {r['bits_per_weight']:>11.3f} "
-            f"{r['fraction']:>8.2%} {r['accuracy']:>9.2%} {r['seconds']:>8.0f}"
+            f"{r['kind']:>4} {'x' + str(r['scale']):>5} {r['weights']:>10,} {r['weights_kept']:>7.1%} "
+            f"{r['bits_per_weight']:>11.3f} {r['bits_per_kept_weight']:>9.3f} {r['fraction']:>8.2%} "
+            f"{r['accuracy']:>9.2%} {r['fp32_accuracy']:>9.2%} {r['seconds']:>8.0f}"
         )
     results = {"epochs": epochs, "gamma": args.gamma, "runs": rows}
     write_json(args.out, results)

@@ -38,3 +38,15 @@ def test_target_benchmark_smoke() -> None:
     run = results["runs"][0]
     assert run["target"] == "12KB" and run["target_bytes"] == 12000
     assert run["reached_bytes"] > 0 and 0 <= run["accuracy"] <= 1
+
+
+def test_scale_benchmark_smoke(capsys) -> None:
+    results = load("bench_scale").main(["--smoke"])
+    runs = {(r["kind"], r["scale"]): r for r in results["runs"]}
+    assert sorted(runs) == [("cnn", 1), ("cnn", 4), ("mlp", 1), ("mlp", 4)]
+    assert runs["cnn", 4]["weights"] > 10 * runs["cnn", 1]["weights"]  # the inner convolutions grow 16x
+    for r in runs.values():
+        assert 0.0 < r["weights_kept"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["fp32_accuracy"] <= 1.0
+        # bits per weight split into the weights kept and the bits each kept weight holds
+        assert r["bits_per_kept_weight"] * r["weights_kept"] == pytest.approx(r["bits_per_weight"], rel=1e-9)
+    assert "fp32 acc." in capsys.readouterr().out
