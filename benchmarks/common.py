@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import textwrap
@@ -24,13 +25,18 @@ def machine() -> str:
     )
 
 
+def command() -> str:
+    """How this process was started, quoted so that it can be pasted into a shell."""
+    return f"python {shlex.join(sys.argv)}"
+
+
 def header() -> str:
-    return f"command: python {' '.join(sys.argv)}\nmachine: {machine()}"
+    return f"command: {command()}\nmachine: {machine()}"
 
 
 def write_json(path: str | None, results: dict) -> None:
     if path:
-        Path(path).write_text(json.dumps({"command": " ".join(sys.argv), "machine": machine(), **results}, indent=2))
+        Path(path).write_text(json.dumps({"command": command(), "machine": machine(), **results}, indent=2))
 
 
 def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:

@@ -50,3 +50,8 @@ def test_scale_benchmark_smoke(capsys) -> None:
         # bits per weight split into the weights kept and the bits each kept weight holds
         assert r["bits_per_kept_weight"] * r["weights_kept"] == pytest.approx(r["bits_per_weight"], rel=1e-9)
     assert "fp32 acc." in capsys.readouterr().out
+
+
+def test_printed_command_can_be_pasted(monkeypatch) -> None:
+    monkeypatch.setattr("sys.argv", ["bench_pareto.py", "--bits", "", "--gammas", "0.001@4,0.002"])
+    assert load("common").command() == "python bench_pareto.py --bits '' --gammas 0.001@4,0.002"
