@@ -249,13 +249,14 @@ def combine(args) -> dict:
         for f in files:
             merged += [v for v in f["setting"].get(key, []) if v not in merged]
         setting[key] = merged
+    per_seed = [[runs[(seed, *point)] for point in points] for seed in seeds]
     results = {"benchmark": "pareto", "setting": setting, "runs": [],
-               "seed_runs": [runs[(seed, *point)] for seed in seeds for point in points],
+               "seed_runs": [row for rows in per_seed for row in rows],
                "combined": [str(path) for path in args.combine]}
     print(header(), flush=True)
     for path, f in zip(args.combine, files, strict=True):
         print(f"{path}: {f.get('command')}; {f.get('machine')}")
-    return report(args, results, [[runs[(seed, *point)] for point in points] for seed in seeds])
+    return report(args, results, per_seed)
 
 
 def report(args, results: dict, per_seed: list[list[dict]]) -> dict:
