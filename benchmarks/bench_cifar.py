@@ -203,7 +203,8 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.
 
 
 #: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=3``.
-RUN_OPTIONS = {"initial_bits": float, "bits_lr": float, "exponent_lr": float, "target_ramp": float, "bn_samples": int}
+RUN_OPTIONS = {"initial_bits": float, "bits_lr": float, "exponent_lr": float, "target_ramp": float, "bn_samples": int,
+               "levels": str}
 
 
 def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int]]:
@@ -216,8 +217,9 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
         try:
             options[name] = RUN_OPTIONS[name](text)
         except (KeyError, ValueError):
-            raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<number> with an option "
-                             f"among {', '.join(RUN_OPTIONS)} (bn_samples a whole number).") from None
+            raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<value> with an option "
+                             f"among {', '.join(RUN_OPTIONS)} (bn_samples a whole number, levels a word, "
+                             f"the others numbers).") from None
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
         return "fp32", None, options
@@ -283,7 +285,8 @@ def setting(args) -> dict:
 def label(row: dict) -> str:
     name = {"fp32": "fp32", "gamma": "SelfCompress gamma {}", "target": "SelfCompress target {}",
             "bits": "fixed {:g}-bit QAT", "diffq": "DiffQ penalty {:g}"}[row["kind"]].format(row["value"])
-    return name + "".join(f", from {value:g} bits" if key == "initial_bits" else f", {key} {value:g}"
+    return name + "".join(f", from {value:g} bits" if key == "initial_bits" else
+                          f", {value} levels" if key == "levels" else f", {key} {value:g}"
                           for key, value in row.get("options", {}).items())
 
 

@@ -18,6 +18,7 @@ from digits import accuracy, digits_loaders, train  # noqa: E402
 
 import selfcompress  # noqa: E402
 from selfcompress.layers import INITIAL_BITS  # noqa: E402
+from selfcompress.quantize import LEVELS  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--bn-samples", type=int, default=2048, help="SelfCompress(bn_samples=...); 0 turns it off")
     parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS, help="SelfCompress(initial_bits=...)")
+    parser.add_argument("--levels", default="paper", choices=LEVELS, help="SelfCompress(levels=...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="two epochs, to check the script runs")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         baseline, baseline_acc, _ = train(epochs, gamma=None, seed=seed)
         compressed, compressed_acc, callback = train(
-            epochs, gamma=args.gamma, seed=seed, bn_samples=args.bn_samples, initial_bits=args.initial_bits
+            epochs, gamma=args.gamma, seed=seed, bn_samples=args.bn_samples, initial_bits=args.initial_bits,
+            levels=args.levels,
         )
         size = callback.size()
         compact_acc = accuracy(selfcompress.finalize(compressed.net), digits_loaders(seed=seed)[1])
@@ -60,14 +63,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(f"seed {seed} done: {rows[-1]}", flush=True)
     print(header())
-    print(f"digits CNN, {epochs} epochs, gamma {args.gamma}, bn_samples {args.bn_samples}")
+    print(f"digits CNN, {epochs} epochs, gamma {args.gamma}, bn_samples {args.bn_samples}, "
+          f"initial_bits {args.initial_bits:g}, levels {args.levels}")
     print(f"{'seed':>4} {'fp32 acc':>9} {'compressed':>11} {'finalized':>10} {'exact bytes':>12} {'of fp32':>8}")
     for r in rows:
         print(
             f"{r['seed']:>4} {r['fp32_accuracy']:>9.2%} {r['accuracy']:>11.2%} {r['finalized_accuracy']:>10.2%} "
             f"{r['exact_bytes']:>12,} {r['fraction']:>8.2%}"
         )
-    results = {"epochs": epochs, "gamma": args.gamma, "bn_samples": args.bn_samples, "runs": rows}
+    results = {"epochs": epochs, "gamma": args.gamma, "bn_samples": args.bn_samples,
+               "initial_bits": args.initial_bits, "levels": args.levels, "runs": rows}
     write_json(args.out, results)
     return results
 

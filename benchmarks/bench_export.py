@@ -179,7 +179,7 @@ def bench(
 
     compact, report, layers = compressed(model, inputs)
     compact.eval()
-    flat = {k: (v.codes.reshape(v.codes.shape[0], -1), v.widths) for k, v in layers.items()}
+    flat = {k: (v.stored[0], v.widths) for k, v in layers.items()}
     start = time.perf_counter()
     packed = {k: pack_codes(c, w) for k, (c, w) in flat.items()}
     pack_s = time.perf_counter() - start

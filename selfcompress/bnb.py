@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from selfcompress.finalize import LayerCodes, compressed
 from selfcompress.graph import autograd_enabled
+from selfcompress.quantize import code_bits
 
 BLOCKSIZE = 64
 #: fp4 nibble of each integer code -4..3 when the block absmax is 6 * 2^e (table x 6).
@@ -269,7 +270,7 @@ def bitsandbytes_from_codes(
         module = modules[module_name]
         if attr != "weight" or not isinstance(module, (nn.Linear, *_CONVS)):
             continue
-        widest = int(layer.widths.max()) if len(layer.widths) else 0
+        widest = int(code_bits(layer.codes).max()) if len(layer.widths) else 0  # the codes as bnb holds them
         if widest > 8:
             continue
         if isinstance(module, nn.Linear):

@@ -21,6 +21,7 @@ from selfcompress.finalize import compressed, silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
 from selfcompress.layers import INITIAL_BITS, QuantizedTensor, prepare, quantized_tensors
+from selfcompress.quantize import check_levels
 from selfcompress.report import CompressionReport, channel_bits, entropy_size, from_size
 from selfcompress.size import ModelSize, exact_size, open_rows, penalty
 from selfcompress.surgery import RemovalRecord, keep_one_per_group, remove_channels, supported_channels
@@ -66,6 +67,11 @@ class SelfCompress(Callback):
             benchmark but one, smaller at equal or better accuracy). Raise it (say to 8) to
             start a pretrained network from almost exactly its own output, or for a network
             made mostly of depthwise convolutions (where 8 kept about a point more).
+        levels: The quantization grid. ``"paper"``: eq. 1, integers ``-2^(b-1) .. 2^(b-1) - 1``
+            times the channel's scale. ``"signs"``: the same, except that a channel below
+            ``log2(3)`` bits, to which eq. 1 leaves only ``{-scale, 0}``, holds each weight's
+            sign, ``±scale/2``, in one bit. Measured better at a few percent of the float32
+            size (see the README); not the default until it is measured everywhere.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
         follow_schedule: Scale both learning rates by the user's learning-rate schedule:
@@ -109,6 +115,7 @@ class SelfCompress(Callback):
         gamma_rate: float = 0.02,
         target_ramp: float = 0.5,
         initial_bits: float = INITIAL_BITS,
+        levels: str = "paper",
         bits_lr: float = 0.1,
         exponent_lr: float = 0.05,
         follow_schedule: bool = True,
@@ -135,6 +142,7 @@ class SelfCompress(Callback):
         if target_size is not None:
             parse_target_size(target_size, fp32_bits=2**62, weights=2**40)  # the syntax, before any training
         _check_number("initial_bits", initial_bits, low=1.0, high=16.0)
+        check_levels(levels)
         _check_number("bits_lr", bits_lr, low=0.0, inclusive_low=False)
         _check_number("exponent_lr", exponent_lr, low=0.0)
         _check_number("eps", eps, low=0.0, inclusive_low=False)
@@ -154,6 +162,7 @@ class SelfCompress(Callback):
         self.gamma_rate = float(gamma_rate)
         self.target_ramp = float(target_ramp)
         self.initial_bits = float(initial_bits)
+        self.levels = levels
         self.bits_lr = bits_lr
         self.exponent_lr = exponent_lr
         self.follow_schedule = follow_schedule
@@ -203,6 +212,7 @@ class SelfCompress(Callback):
         self._tensors = prepare(
             pl_module,
             initial_bits=self.initial_bits,
+            levels=self.levels,
             exclude_names=self.exclude_names,
             exclude_types=self.exclude_types,
         )
@@ -537,10 +547,17 @@ class SelfCompress(Callback):
             "peak_lr": self._peak_lr,
             "bits_grad_scale": self._bits_grad_scale,
             "removed": copy.deepcopy(self._removed),
+            "levels": self.levels,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_levels = state_dict.get("levels", "paper")
+        if saved_levels != self.levels:
+            raise ValueError(
+                f"The checkpoint was trained with `levels={saved_levels!r}`, this SelfCompress has "
+                f"`levels={self.levels!r}`: resume with `SelfCompress(levels={saved_levels!r}, ...)`."
+            )
         self._num_weights = state_dict["num_weights"]
         self._fp32_bits = state_dict["fp32_bits"]
         self.history = list(state_dict["history"])

@@ -32,7 +32,7 @@ from selfcompress.graph import (
     traced_module,
 )
 from selfcompress.layers import bake, compressible_weights
-from selfcompress.quantize import code_bits, dequantize, integer_form
+from selfcompress.quantize import dequantize, integer_form, row_widths, stored_codes
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,16 @@ class LayerCodes:
     name: str
     codes: Tensor  # int32, the weight's shape
     scale: Tensor  # float32 (rows,)
-    widths: Tensor  # int64 (rows,): bits each row's codes need, 0 to 16
+    widths: Tensor  # int64 (rows,): bits each row's codes take in a file, 0 to 16 (quantize.row_widths)
     dtype: torch.dtype
 
     def weight(self) -> Tensor:
         return dequantize(self.codes, self.scale, self.dtype)
+
+    @property
+    def stored(self) -> tuple[Tensor, Tensor]:
+        """``(codes, odd)``: the ``(rows, cols)`` integers a file holds, odd rows halved, and which rows are odd."""
+        return stored_codes(self.codes.reshape(self.codes.shape[0], -1))
 
 
 def finalize(
@@ -255,7 +260,7 @@ def layer_codes(model: nn.Module) -> dict[str, LayerCodes]:
         if form is None:
             continue
         codes, scale = form
-        layers[name] = LayerCodes(name, codes, scale, code_bits(codes), weight.dtype)
+        layers[name] = LayerCodes(name, codes, scale, row_widths(codes), weight.dtype)
         weight.copy_(dequantize(codes, scale, weight.dtype))
     return layers
 

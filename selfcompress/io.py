@@ -1,7 +1,7 @@
 """Saving a trained model as one packed safetensors file, and loading it back.
 
-The file is the compact module :func:`~selfcompress.finalize` returns. Format version 3
-holds two uint8 tensors, so its header stays small whatever the number of layers:
+The file is the compact module :func:`~selfcompress.finalize` returns. Format versions 3
+and 4 hold two uint8 tensors, so the header stays small whatever the number of layers:
 
 - ``codes``: every weight in integer form (:func:`selfcompress.quantize.integer_form`),
   layer after layer, bit-packed at the width each row needs (:mod:`selfcompress.packing`),
@@ -14,7 +14,9 @@ holds two uint8 tensors, so its header stays small whatever the number of layers
 The safetensors metadata holds the format name and version, a SHA-256 of both tensors and
 the manifest's length. The manifest lists each module holding tensors with its type and,
 per tensor, its shape and dtype, plus one width digit per row for packed weights; the
-tensors follow in that order. It depends only on the compact module, so every input
+tensors follow in that order. A row whose codes are all odd (a channel holding signs) is
+stored halved, one bit narrower, and marked by its digit: such files are version 4, all
+others version 3. It depends only on the compact module, so every input
 ``finalize`` accepts gives the same bytes. Versions 1 and 2 (one safetensors entry per
 tensor, three per packed weight) still load.
 
@@ -46,11 +48,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from selfcompress.entropy import CODERS, compress, decode_codes, decompress, encode_codes
 from selfcompress.finalize import compressed, mark_compact
 from selfcompress.packing import pack_codes, packed_nbytes, unpack_codes
-from selfcompress.quantize import dequantize
+from selfcompress.quantize import dequantize, restored_codes
 from selfcompress.surgery import resize_to_state_dict
 
 FORMAT_NAME = "selfcompress"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 METADATA_KEY = "selfcompress"
 _CODES, _SCALE, _WIDTH = "::codes", "::scale", "::width"
 
@@ -63,8 +65,10 @@ _STORED_DTYPES = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (*_DTYPES.values(), torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 }
-#: One character per row width in the manifest (0 to 16).
+#: One character per row width in the manifest (0 to 16); rows of odd codes, stored halved
+#: (:func:`selfcompress.quantize.stored_codes`), take the second alphabet (version 4).
 _WIDTH_DIGITS = "0123456789abcdefg"
+_ODD_WIDTH_DIGITS = "hijklmnopqrstuvwx"
 _MAX_MANIFEST = 1 << 26  # bytes a manifest may inflate to
 
 
@@ -107,6 +111,7 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
     compact, _, layers = compressed(model, inputs)
     groups: dict[str, list] = {}
     codes, widths, scales, rest = [], [], [], []
+    odd_rows_seen = False
     # One order whatever form ``model`` came in: modules as they nest, each one's tensors by name.
     order = {module_name: i for i, (module_name, _) in enumerate(compact.named_modules(remove_duplicate=False))}
     state = compact.state_dict()
@@ -125,9 +130,12 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
             rest.append(value.reshape(-1).view(torch.uint8))
             continue
         widths.append(layer.widths.to(torch.int64).cpu())
-        digits = "".join(_WIDTH_DIGITS[w] for w in widths[-1].tolist())
+        stored, odd = layer.stored
+        odd_rows_seen |= bool(odd.any())
+        alphabets = [_ODD_WIDTH_DIGITS if o else _WIDTH_DIGITS for o in odd.tolist()]
+        digits = "".join(alphabet[w] for alphabet, w in zip(alphabets, widths[-1].tolist(), strict=True))
         entries[attr] = [list(value.shape), _dtype_name(layer.dtype), digits]
-        codes.append(layer.codes.reshape(layer.codes.shape[0], -1))
+        codes.append(stored)
         scales.append(layer.scale.detach().cpu().to(torch.float32).reshape(-1).view(torch.uint8))
     stream, coding = _cat_bytes([pack_codes(c, w) for c, w in zip(codes, widths, strict=True)]), "none"
     if entropy_coding is not None:
@@ -144,7 +152,7 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
     tensors = {"codes": stream, "data": _cat_bytes([_as_tensor(compressed_body), tail])}
     head = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION if odd_rows_seen else 3,  # what older readers can read stays version 3
         "sha256": _digest(tensors),
         "manifest_bytes": len(compressed_body),
     }
@@ -335,11 +343,17 @@ def _stored(stored: dict[str, Tensor], name: str) -> Tensor:
     return value
 
 
-def _widths(digits: Any, rows: int) -> Tensor:
-    """A layer's row widths from their digits in the manifest (``0``-``9``, ``a``-``g`` for 10-16)."""
-    if not isinstance(digits, str) or len(digits) != rows or not set(digits) <= set(_WIDTH_DIGITS):
-        raise ValueError(f"widths must be {rows} characters of {_WIDTH_DIGITS!r}, got {str(digits)[:40]!r}")
-    return torch.tensor([_WIDTH_DIGITS.index(d) for d in digits], dtype=torch.int64)
+def _widths(digits: Any, rows: int, version: int) -> tuple[Tensor, Tensor]:
+    """A layer's row widths and odd rows from their digits in the manifest.
+
+    ``0``-``9``, ``a``-``g`` for widths 0-16; from version 4, ``h``-``x`` for odd rows of widths 0-16.
+    """
+    alphabet = _WIDTH_DIGITS + (_ODD_WIDTH_DIGITS if version >= 4 else "")
+    if not isinstance(digits, str) or len(digits) != rows or not set(digits) <= set(alphabet):
+        raise ValueError(f"widths must be {rows} characters of {alphabet!r}, got {str(digits)[:40]!r}")
+    index = torch.tensor([alphabet.index(d) for d in digits], dtype=torch.int64)
+    odd = index > len(_WIDTH_DIGITS) - 1
+    return torch.where(odd, index - len(_WIDTH_DIGITS), index), odd
 
 
 def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -354,7 +368,8 @@ def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tenso
         raise ValueError("packed weights must have at least 2 dimensions")
     rows = [shape[0] for _, shape, _, _ in packed]
     cols = [math.prod(shape[1:]) for _, shape, _, _ in packed]
-    widths = [_widths(digits, count) for (_, _, _, digits), count in zip(packed, rows, strict=True)]
+    forms = [_widths(digits, count, manifest["version"]) for (_, _, _, digits), count in zip(packed, rows, strict=True)]
+    widths, odd = [w for w, _ in forms], [o for _, o in forms]
     stream, data = _stored(stored, "codes"), _stored(stored, "data")
     other = [(name, shape, dtype) for name, _, shape, dtype, digits in entries if digits is None]
     sizes = [math.prod(shape) * _STORED_DTYPES[dtype].itemsize for _, shape, dtype in other]
@@ -378,7 +393,8 @@ def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tenso
         codes = decode_codes(stream.numpy().tobytes(), widths, cols, coding)
     state = {}
     ends = list(itertools.accumulate(rows))
-    for (name, shape, dtype, _), layer_codes, end, count in zip(packed, codes, ends, rows, strict=True):
+    for (name, shape, dtype, _), stored_form, odd_form, end, count in zip(packed, codes, odd, ends, rows, strict=True):
+        layer_codes = restored_codes(stored_form, odd_form)
         state[name] = dequantize(layer_codes.reshape(shape), scales[end - count : end], _DTYPES[dtype])
     for (name, shape, dtype), size in zip(other, sizes, strict=True):
         raw = data[at : at + size]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from selfcompress.quantize import initial_exponent, quantize
+from selfcompress.quantize import check_levels, initial_exponent, quantize
 
 #: Module types whose weights are compressed, and the weight attributes of each.
 COMPRESSIBLE: dict[type[nn.Module], tuple[str, ...]] = {
@@ -45,8 +45,10 @@ _BIAS_OF = {"weight": "bias", "in_proj_weight": "in_proj_bias"}
 class ChannelQuantizer(nn.Module):
     """Parametrization giving each output channel of a weight its own bits and exponent."""
 
-    def __init__(self, weight: Tensor, initial_bits: float) -> None:
+    def __init__(self, weight: Tensor, initial_bits: float, levels: str = "paper") -> None:
         super().__init__()
+        check_levels(levels)
+        self.levels = levels
         shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
         self.bits = nn.Parameter(torch.full(shape, float(initial_bits), device=weight.device))
         self.exponent = nn.Parameter(initial_exponent(weight, initial_bits).reshape(shape))
@@ -54,7 +56,7 @@ class ChannelQuantizer(nn.Module):
         self.register_buffer("closed_steps", torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device))
 
     def forward(self, weight: Tensor) -> Tensor:
-        return quantize(weight.float(), self.bits, self.exponent).to(weight.dtype)
+        return quantize(weight.float(), self.bits, self.exponent, self.levels).to(weight.dtype)
 
     @property
     def open(self) -> Tensor:
@@ -122,6 +124,7 @@ def prepare(
     initial_bits: float = INITIAL_BITS,
     exclude_names: Sequence[str] = (),
     exclude_types: Iterable[type[nn.Module]] = (),
+    levels: str = "paper",
 ) -> list[QuantizedTensor]:
     """Give every compressible weight of ``model`` per-channel bits and exponents, in place.
 
@@ -132,6 +135,8 @@ def prepare(
         exclude_names: Module names (``fnmatch`` patterns, e.g. ``"head"`` or
             ``"blocks.*.proj"``) to leave in full precision.
         exclude_types: Module classes to leave in full precision.
+        levels: The quantization grid, ``"paper"`` or ``"signs"`` (see
+            :data:`selfcompress.quantize.LEVELS`).
 
     Returns:
         The compressed weights. Calling ``prepare`` on a prepared model returns them
@@ -143,6 +148,7 @@ def prepare(
     """
     if not (isinstance(initial_bits, (int, float)) and 1 <= initial_bits <= 16):
         raise ValueError(f"`initial_bits` must be a number in [1, 16], got {initial_bits!r}.")
+    check_levels(levels)
     exclude_types = tuple(exclude_types)
     for cls in exclude_types:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -170,7 +176,7 @@ def prepare(
             "nn.MultiheadAttention weight is left after `exclude_names`/`exclude_types`."
         )
     for module, attr in targets:
-        quantizer = ChannelQuantizer(getattr(module, attr), initial_bits)
+        quantizer = ChannelQuantizer(getattr(module, attr), initial_bits, levels)
         parametrize.register_parametrization(module, attr, quantizer, unsafe=True)
     return quantized_tensors(model)
 

@@ -17,22 +17,50 @@ def _round_straight_through(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def quantize(x: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
+#: Quantization grids. ``"paper"``: eq. 1, integers ``[-2^(b-1), 2^(b-1) - 1]`` times the
+#: scale. ``"signs"``: the same, except that a channel to which eq. 1 leaves only the codes
+#: ``{-1, 0}`` (below ``log2(3)`` bits) holds each weight's sign instead, ``±scale / 2``.
+LEVELS = ("paper", "signs")
+
+
+def quantize(x: Tensor, bits: Tensor, exponent: Tensor, levels: str = "paper") -> Tensor:
     """Quantize ``x`` to ``bits`` signed bits at scale ``2**exponent`` (paper eq. 1).
 
     ``q = 2^e * round(clamp(2^-e * x, -2^(b-1), 2^(b-1) - 1))`` with ``b = max(bits, 0)``,
-    rounding half to even. Only the rounding is straight-through, so ``bits`` and
+    rounding half to even. With ``levels="signs"`` a channel below ``log2(3)`` bits is
+    shifted by half a step, ``q = 2^e * (round(clamp(2^-e * x - 1/2, -2^(b-1), 2^(b-1) - 1))
+    + 1/2)``, which is ``±2^(e-1)``. Only the rounding is straight-through, so ``bits`` and
     ``exponent`` receive true gradients through the clamp bounds and the scale. A channel
     at zero bits is exactly zero.
     """
     scale = torch.exp2(exponent)
-    return scale * _round_straight_through(_clamp_to_range(x / scale, bits))
+    if levels == "paper":
+        return scale * _round_straight_through(_clamp_to_range(x / scale, bits))
+    shift = _half_step(bits, levels)
+    return scale * (_round_straight_through(_clamp_to_range(x / scale - shift, bits)) + shift) * (bits > 0)
 
 
-def integer_codes(x: Tensor, bits: Tensor, exponent: Tensor) -> Tensor:
-    """The integers that :func:`quantize` multiplies by ``2**exponent``, as int32."""
+def integer_codes(x: Tensor, bits: Tensor, exponent: Tensor, levels: str = "paper") -> Tensor:
+    """The integers :func:`quantize` gives, as int32: multiples of ``2**exponent``, or odd
+    multiples of ``2**(exponent - 1)`` in the channels whose grid is shifted by half a step."""
     with torch.no_grad():
-        return torch.round(_clamp_to_range(x / torch.exp2(exponent), bits)).to(torch.int32)
+        if levels == "paper":
+            return torch.round(_clamp_to_range(x / torch.exp2(exponent), bits)).to(torch.int32)
+        shift = _half_step(bits, levels)
+        steps = torch.round(_clamp_to_range(x / torch.exp2(exponent) - shift, bits))
+        return (torch.where(shift > 0, 2 * steps + 1, steps) * (bits > 0)).to(torch.int32)
+
+
+def check_levels(levels: str) -> None:
+    if levels not in LEVELS:
+        raise ValueError(f"`levels` must be one of {LEVELS}, got {levels!r}.")
+
+
+def _half_step(bits: Tensor, levels: str) -> Tensor:
+    """Per channel, the shift of its grid: 1/2 where eq. 1's codes would be {-1, 0}, else 0."""
+    check_levels(levels)
+    # Eq. 1's top code 2^(b-1) - 1 rounds to 0 below log2(3) bits.
+    return (torch.exp2(bits.detach().clamp_min(0) - 1) - 1 < 0.5) * 0.5
 
 
 def _clamp_to_range(x: Tensor, bits: Tensor) -> Tensor:
@@ -54,6 +82,43 @@ def code_bits(codes: Tensor) -> Tensor:
     width = torch.floor(torch.log2(magnitude.clamp_min(1).double())).to(torch.int64) + 2
     width = torch.where(magnitude > 0, width, torch.ones_like(width))
     return torch.where((rows != 0).any(dim=1), width, torch.zeros_like(width))
+
+
+def odd_rows(codes: Tensor) -> Tensor:
+    """Boolean per row (first dimension) of ``codes``: every code of the row is odd.
+
+    Such a row, ``c = 2k + 1``, is stored as ``k`` (see :func:`stored_codes`), one bit
+    narrower: a channel holding signs (``levels="signs"``) has the codes ``±1``.
+    """
+    rows = codes.reshape(codes.shape[0], -1)
+    return (rows.shape[1] > 0) & (rows.remainder(2) == 1).all(dim=1)
+
+
+def stored_codes(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """``(stored, odd)``: the integers a file holds for ``codes``, and which rows are odd.
+
+    Odd rows hold ``(c - 1) / 2``, every other row ``c`` itself; :func:`restored_codes`
+    inverts it exactly.
+    """
+    odd = odd_rows(codes)
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return torch.where(odd.reshape(shape), torch.div(codes - 1, 2, rounding_mode="floor"), codes), odd
+
+
+def restored_codes(stored: Tensor, odd: Tensor) -> Tensor:
+    """Inverse of :func:`stored_codes`: ``2k + 1`` in odd rows, ``k`` elsewhere."""
+    shape = (-1,) + (1,) * (stored.dim() - 1)
+    return torch.where(odd.reshape(shape), 2 * stored + 1, stored)
+
+
+def row_widths(codes: Tensor) -> Tensor:
+    """Bits per code each row of ``codes`` takes in a packed file.
+
+    :func:`code_bits` of its stored codes (:func:`stored_codes`), at least 1 for an odd
+    row, so that width 0 always means an all-zero row.
+    """
+    stored, odd = stored_codes(codes)
+    return torch.where(odd, code_bits(stored).clamp_min(1), code_bits(stored))
 
 
 def initial_exponent(weight: Tensor, bits: float) -> Tensor:

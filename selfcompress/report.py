@@ -19,7 +19,7 @@ from selfcompress.entropy import CODERS, compress, encode_codes
 from selfcompress.finalize import LayerCodes, compressed
 from selfcompress.layers import quantized_tensors
 from selfcompress.packing import packed_nbytes
-from selfcompress.quantize import MAX_CODE_BITS, code_bits, integer_codes
+from selfcompress.quantize import MAX_CODE_BITS, integer_codes, row_widths
 from selfcompress.size import ModelSize, _kept_rows, open_rows, packed_size
 
 #: Keys of the callback's per-epoch history that are size figures, not task metrics.
@@ -288,9 +288,10 @@ def channel_bits(model: nn.Module, graph: Any) -> dict[str, list[int]]:
     with torch.no_grad():
         for tensor in tensors:
             quantizer = tensor.quantizer
-            row_widths = code_bits(integer_codes(tensor.raw.float(), quantizer.bits, quantizer.exponent)).cpu()
+            codes = integer_codes(tensor.raw.float(), quantizer.bits, quantizer.exponent, quantizer.levels)
+            layer_widths = row_widths(codes).cpu()
             live = _kept_rows(tensor, graph, kept) & quantizer.open.cpu()
-            widths[tensor.name] = torch.where(live, row_widths, torch.zeros_like(row_widths)).tolist()
+            widths[tensor.name] = torch.where(live, layer_widths, torch.zeros_like(layer_widths)).tolist()
     return widths
 
 
@@ -337,7 +338,7 @@ def entropy_size(compact: nn.Module, layers: Mapping[str, LayerCodes], coder: st
     Each part is coded only where that makes it smaller; widths count one byte per row, as
     in the exact size. The file adds only its container (header and manifest).
     """
-    codes = [layer.codes.reshape(layer.codes.shape[0], -1) for layer in layers.values()]
+    codes = [layer.stored[0] for layer in layers.values()]
     widths = [layer.widths for layer in layers.values()]
     packed = sum(packed_nbytes(w, c.shape[1]) for c, w in zip(codes, widths, strict=True))
     code_bytes = min(len(encode_codes(codes, widths, coder)), packed)

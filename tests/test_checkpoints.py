@@ -122,12 +122,12 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
 class Run:
     """One training run with SelfCompress and ModelCheckpoint(monitor="val_loss", save_last=True)."""
 
-    def __init__(self, arch: str, directory: Path, epochs: int = 5, save_top_k: int = 1) -> None:
+    def __init__(self, arch: str, directory: Path, epochs: int = 5, save_top_k: int = 1, **options) -> None:
         pl.seed_everything(0, verbose=False)
         self.arch = arch
         self.x = data(arch, seed=1).tensors[0]
         self.model = Module(arch)
-        self.callback = compressing(arch)
+        self.callback = compressing(arch, **options)
         self.snapshots = Snapshots(self.x)
         self.checkpoint = ModelCheckpoint(dirpath=directory, monitor="val_loss", save_last=True, save_top_k=save_top_k)
         self.trainer = tiny_trainer(

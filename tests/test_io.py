@@ -16,7 +16,7 @@ from torch import nn
 from selfcompress import entropy, io
 from selfcompress.finalize import compressed, finalize
 from selfcompress.graph import build_graph
-from selfcompress.io import SelfCompressFormatError, load, read_manifest, save
+from selfcompress.io import FORMAT_VERSION, SelfCompressFormatError, load, read_manifest, save
 from selfcompress.layers import prepare
 from selfcompress.packing import pack_codes
 from selfcompress.size import exact_size
@@ -247,8 +247,8 @@ def write_legacy(model, inputs, path, version):
 
 def test_newer_version(saved, tmp_path):
     newer = tmp_path / "newer.sc"
-    _rewrite_manifest(saved[2], newer, lambda m: m.update(version=m["version"] + 1))
-    _expect_format_error(newer, match="version 4")
+    _rewrite_manifest(saved[2], newer, lambda m: m.update(version=FORMAT_VERSION + 1))
+    _expect_format_error(newer, match=f"version {FORMAT_VERSION + 1}")
 
 
 @pytest.mark.parametrize("version", [1, 2])
