@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import selfcompress
-from tests.test_checkpoints import NETS, Module, Run, eval_outputs, fresh_channel_count
+from tests.test_checkpoints import NETS, Module, Run, assert_same_outputs, eval_outputs, fresh_channel_count
 
 
 @pytest.fixture(scope="module", params=["small_cnn", "resnet9"])
@@ -26,7 +26,8 @@ def test_best_checkpoint_to_bitsandbytes(run: Run, tmp_path) -> None:
     x = run.x[:2]
 
     best = Module.load_from_checkpoint(run.best)
-    assert torch.equal(eval_outputs(best, run.x), expected)
+    # Within float rounding: the trained model holds fewer channels than the plain one it loads into.
+    assert_same_outputs(eval_outputs(best, run.x), expected)
 
     with torch.inference_mode():
         compact = selfcompress.finalize(best, inputs=x)

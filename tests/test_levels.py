@@ -15,7 +15,16 @@ from selfcompress import SelfCompress, integer_codes, quantize
 from selfcompress.io import SelfCompressFormatError, read_manifest
 from selfcompress.quantize import code_bits, dequantize, restored_codes, row_widths, stored_codes
 from tests.helpers import tiny_trainer
-from tests.test_checkpoints import NETS, Module, Run, compressing, eval_loader, eval_outputs, train_loader
+from tests.test_checkpoints import (
+    NETS,
+    Module,
+    Run,
+    assert_same_outputs,
+    compressing,
+    eval_loader,
+    eval_outputs,
+    train_loader,
+)
 from tests.test_io import _rewrite_manifest
 
 LOG2_3 = math.log2(3)
@@ -116,7 +125,8 @@ def test_signs_journey_from_best_checkpoint_to_file(run: Run, tmp_path) -> None:
     assert {t.quantizer.levels for t in selfcompress.quantized_tensors(run.model)} == {"signs"}
     expected = run.outputs_at(run.best)
     best = Module.load_from_checkpoint(run.best)
-    assert torch.equal(eval_outputs(best, run.x), expected)
+    # Within float rounding: the trained model holds fewer channels than the plain one it loads into.
+    assert_same_outputs(eval_outputs(best, run.x), expected)
     with torch.inference_mode():
         compact = selfcompress.finalize(best, inputs=run.x[:2])
     assert (eval_outputs(compact, run.x) - expected).abs().max() <= 1e-5 * expected.abs().max()
