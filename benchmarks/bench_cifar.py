@@ -57,6 +57,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 
 import selfcompress  # noqa: E402
+from selfcompress.quantize import LEVELS, check_levels  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
@@ -216,10 +217,12 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
         name, _, text = item.partition("=")
         try:
             options[name] = RUN_OPTIONS[name](text)
+            if name == "levels":
+                check_levels(text)
         except (KeyError, ValueError):
             raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<value> with an option "
-                             f"among {', '.join(RUN_OPTIONS)} (bn_samples a whole number, levels a word, "
-                             f"the others numbers).") from None
+                             f"among {', '.join(RUN_OPTIONS)} (bn_samples a whole number, levels one of "
+                             f"{', '.join(LEVELS)}, the others numbers).") from None
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
         return "fp32", None, options
@@ -229,7 +232,7 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
         return "target", value, options
     raise ValueError(f"`--runs` entry {spec!r} is not one of fp32, gamma:<float>, target:<size>, bits:<int>, "
                      f"diffq:<penalty>, "
-                     f"gamma and target optionally followed by ,<option>=<number> "
+                     f"gamma and target optionally followed by ,<option>=<value> "
                      f"with options {', '.join(RUN_OPTIONS)}.")
 
 

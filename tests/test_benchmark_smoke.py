@@ -286,8 +286,9 @@ def test_cifar_run_entries_are_checked() -> None:
     assert parse_run("target:2%,bn_samples=4096")[2] == {"bn_samples": 4096}  # an int, as the callback wants
     assert isinstance(parse_run("target:2%,bn_samples=4096")[2]["bn_samples"], int)
     assert parse_run("diffq:10") == ("diffq", 10.0, {})
+    assert parse_run("target:2%,levels=signs")[2] == {"levels": "signs"}
     for bad in ("gama:0.1", "bits:4,initial_bits=2", "target:5%,initial_bit=2", "target:5%,initial_bits=two",
-                "diffq:10,initial_bits=2"):
+                "diffq:10,initial_bits=2", "target:2%,levels=sign"):
         with pytest.raises(ValueError, match=repr(bad)):
             parse_run(bad)
 
