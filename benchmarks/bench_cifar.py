@@ -204,8 +204,13 @@ def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.
 
 
 #: SelfCompress options a run may set after a comma, e.g. ``target:5%,initial_bits=3``.
+def _levels(text: str) -> str:
+    check_levels(text)
+    return text
+
+
 RUN_OPTIONS = {"initial_bits": float, "bits_lr": float, "exponent_lr": float, "target_ramp": float, "bn_samples": int,
-               "levels": str}
+               "levels": _levels}
 
 
 def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int]]:
@@ -217,8 +222,6 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
         name, _, text = item.partition("=")
         try:
             options[name] = RUN_OPTIONS[name](text)
-            if name == "levels":
-                check_levels(text)
         except (KeyError, ValueError):
             raise ValueError(f"`--runs` entry {spec!r}: option {item!r} is not <option>=<value> with an option "
                              f"among {', '.join(RUN_OPTIONS)} (bn_samples a whole number, levels one of "

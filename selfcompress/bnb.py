@@ -270,7 +270,7 @@ def bitsandbytes_from_codes(
         module = modules[module_name]
         if attr != "weight" or not isinstance(module, (nn.Linear, *_CONVS)):
             continue
-        widest = int(code_bits(layer.codes).max()) if len(layer.widths) else 0  # the codes as bnb holds them
+        widest = int(code_bits(layer.codes).max()) if layer.codes.shape[0] else 0  # the codes as bnb holds them
         if widest > 8:
             continue
         if isinstance(module, nn.Linear):

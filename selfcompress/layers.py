@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from selfcompress.quantize import check_levels, initial_exponent, quantize
+from selfcompress.quantize import check_levels, initial_exponent, integer_codes, quantize, row_widths
 
 #: Module types whose weights are compressed, and the weight attributes of each.
 COMPRESSIBLE: dict[type[nn.Module], tuple[str, ...]] = {
@@ -57,6 +57,10 @@ class ChannelQuantizer(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         return quantize(weight.float(), self.bits, self.exponent, self.levels).to(weight.dtype)
+
+    def row_widths(self, weight: Tensor) -> Tensor:
+        """Bits per code each row of ``weight``, quantized as now, takes in a packed file."""
+        return row_widths(integer_codes(weight.float(), self.bits, self.exponent, self.levels))
 
     @property
     def open(self) -> Tensor:

@@ -19,7 +19,7 @@ from selfcompress.entropy import CODERS, compress, encode_codes
 from selfcompress.finalize import LayerCodes, compressed
 from selfcompress.layers import quantized_tensors
 from selfcompress.packing import packed_nbytes
-from selfcompress.quantize import MAX_CODE_BITS, integer_codes, row_widths
+from selfcompress.quantize import MAX_CODE_BITS
 from selfcompress.size import ModelSize, _kept_rows, open_rows, packed_size
 
 #: Keys of the callback's per-epoch history that are size figures, not task metrics.
@@ -288,10 +288,9 @@ def channel_bits(model: nn.Module, graph: Any) -> dict[str, list[int]]:
     with torch.no_grad():
         for tensor in tensors:
             quantizer = tensor.quantizer
-            codes = integer_codes(tensor.raw.float(), quantizer.bits, quantizer.exponent, quantizer.levels)
-            layer_widths = row_widths(codes).cpu()
+            row_widths = quantizer.row_widths(tensor.raw).cpu()
             live = _kept_rows(tensor, graph, kept) & quantizer.open.cpu()
-            widths[tensor.name] = torch.where(live, layer_widths, torch.zeros_like(layer_widths)).tolist()
+            widths[tensor.name] = torch.where(live, row_widths, torch.zeros_like(row_widths)).tolist()
     return widths
 
 

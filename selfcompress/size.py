@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from selfcompress.graph import ChannelGraph
 from selfcompress.layers import _BIAS_OF, QuantizedTensor, quantized_tensors
-from selfcompress.quantize import integer_codes, row_widths
 
 SCALE_BITS = 32
 WIDTH_BITS = 8
@@ -150,8 +149,7 @@ def exact_size(model: nn.Module, graph: ChannelGraph) -> ModelSize:
     counted: set[int] = set()
     for tensor in tensors:
         quantizer = tensor.quantizer
-        codes = integer_codes(tensor.raw.float(), quantizer.bits, quantizer.exponent, quantizer.levels)
-        widths = row_widths(codes).cpu()
+        widths = quantizer.row_widths(tensor.raw).cpu()
         rows_kept = _kept_rows(tensor, graph, kept)
         fan_in = _row_fan_in(tensor, _live_inputs(tensor, graph, kept))
         overhead_per_row = SCALE_BITS + WIDTH_BITS + (BIAS_BITS if tensor.bias is not None else 0)
@@ -202,15 +200,15 @@ def packed_size(model: nn.Module, widths: Mapping[str, Tensor]) -> ModelSize:
     """
     state = dict(_state_tensors(model))
     layers, counted = [], set()
-    for name, layer_widths in widths.items():
+    for name, row_widths in widths.items():
         weight = state[name]
         module_name, _, attr = name.rpartition(".")
         bias_attr = _BIAS_OF.get(attr)
         bias_name = (f"{module_name}.{bias_attr}" if module_name else bias_attr) if bias_attr else None
         bias = state.get(bias_name) if bias_name else None
-        layer_widths = layer_widths.to(torch.int64).cpu()
+        row_widths = row_widths.to(torch.int64).cpu()
         rows, fan_in = weight.shape[0], weight[0].numel() if weight.shape[0] else 0
-        open_mask = layer_widths > 0
+        open_mask = row_widths > 0
         layers.append(
             LayerSize(
                 name=name,
@@ -219,9 +217,9 @@ def packed_size(model: nn.Module, widths: Mapping[str, Tensor]) -> ModelSize:
                 channels_total=rows,
                 weights_kept=weight.numel(),
                 weights_total=weight.numel(),
-                mean_bits=float(layer_widths[open_mask].float().mean()) if open_mask.any() else 0.0,
-                max_bits=int(layer_widths.max()) if rows else 0,
-                code_bits=int(layer_widths.sum()) * fan_in,
+                mean_bits=float(row_widths[open_mask].float().mean()) if open_mask.any() else 0.0,
+                max_bits=int(row_widths.max()) if rows else 0,
+                code_bits=int(row_widths.sum()) * fan_in,
                 overhead_bits=rows * (SCALE_BITS + WIDTH_BITS + (BIAS_BITS if bias is not None else 0)),
             )
         )
