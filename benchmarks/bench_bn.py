@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import selfcompress  # noqa: E402
 from selfcompress.batchnorm import reestimate_batch_norm  # noqa: E402
 from selfcompress.layers import INITIAL_BITS  # noqa: E402
+from selfcompress.quantize import LEVELS  # noqa: E402
 from tests.models import MobileNetV2, ResNet9  # noqa: E402
 
 #: name -> (network factory, input channels, epochs, gamma)
@@ -101,7 +102,12 @@ class EvalVersusReestimated(pl.Callback):
 
 
 def run(
-    name: str, bn_samples: int, seed: int, epochs: int | None = None, initial_bits: float = INITIAL_BITS
+    name: str,
+    bn_samples: int,
+    seed: int,
+    epochs: int | None = None,
+    initial_bits: float = INITIAL_BITS,
+    levels: str = "paper",
 ) -> list[dict[str, float]]:
     factory, channels, default_epochs, gamma = NETS[name]
     epochs = epochs or default_epochs
@@ -109,7 +115,7 @@ def run(
     train, test = loaders(channels, seed)
     model = Classifier(factory())
     compress = selfcompress.SelfCompress(
-        gamma=gamma, bn_samples=bn_samples, initial_bits=initial_bits, print_report=False
+        gamma=gamma, bn_samples=bn_samples, initial_bits=initial_bits, levels=levels, print_report=False
     )
     probe = EvalVersusReestimated(train, test, compress, second_twin=True)
     trainer = pl.Trainer(
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="instead of each network's default")
     parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS, help="SelfCompress(initial_bits=...)")
+    parser.add_argument("--levels", default="paper", choices=LEVELS, help="SelfCompress(levels=...)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="one epoch, to check the script runs")
     args = parser.parse_args(argv)
@@ -143,10 +150,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     for name in args.nets:
         for bn_samples in args.bn_samples:
             start = time.perf_counter()
-            rows = results[f"{name}/{bn_samples}"] = run(name, bn_samples, args.seed, epochs, args.initial_bits)
+            rows = results[f"{name}/{bn_samples}"] = run(
+                name, bn_samples, args.seed, epochs, args.initial_bits, args.levels
+            )
             gamma = NETS[name][3]
             print(
-                f"\n{name}, gamma {gamma}, bn_samples {bn_samples}, seed {args.seed} "
+                f"\n{name}, gamma {gamma}, bn_samples {bn_samples}, levels {args.levels}, seed {args.seed} "
                 f"({time.perf_counter() - start:.0f} s)"
             )
             print(f"{'epoch':>5} {'size':>7} {'eval acc':>9} {'re-est.':>8} {'gap':>6} {'re-est. 2':>9} {'2 - 1':>6}")

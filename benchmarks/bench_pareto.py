@@ -54,6 +54,7 @@ from digits import accuracy  # noqa: E402
 
 import selfcompress  # noqa: E402
 from selfcompress.layers import INITIAL_BITS  # noqa: E402
+from selfcompress.quantize import LEVELS  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
@@ -126,10 +127,12 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
 
     for gamma, own_bits in cfg["gammas"]:
         start_bits = cfg["initial_bits"] if own_bits is None else own_bits
-        callback = make_callback(gamma, initial_bits=start_bits)
+        levels = cfg.get("levels", ["paper"])[0]
+        callback = make_callback(gamma, initial_bits=start_bits, levels=levels)
         model, _, seconds, steps = run(cfg["epochs"], extra_callbacks=[callback])
         sc = evaluate_selfcompress(model, callback, test_loader, example)
-        config = f"gamma {gamma:g}" + ("" if start_bits == INITIAL_BITS else f", from {start_bits:g} bits")
+        config = (f"gamma {gamma:g}" + ("" if start_bits == INITIAL_BITS else f", from {start_bits:g} bits")
+                  + ("" if levels == "paper" else f", {levels} levels"))
         measured(dict(method="selfcompress", config=config, steps=steps, seconds=seconds,
                       accuracy=sc["finalized_accuracy"], file_bytes=sc["packed_file_bytes"],
                       lzma_file_bytes=sc["entropy_file_bytes"], exact_bytes=sc["exact_bytes"],
@@ -181,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=1, help="seeds from --seed on; points are averaged over them")
     parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS,
                         help="SelfCompress(initial_bits=...) for the gamma sweep (default: the library's)")
+    parser.add_argument("--levels", default="paper", choices=LEVELS,
+                        help="SelfCompress(levels=...) for the gamma sweep")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="average the seeds of these --out files (same settings) instead of training")
     args = parser.parse_args(argv)
@@ -198,8 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
                    train_subset=args.train_subset, test_subset=None)
     args.gammas = args.gammas or gamma_points(DEFAULT_GAMMAS)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    cfg.update(gammas=args.gammas, initial_bits=args.initial_bits, bits=args.bits, diffq_penalties=args.diffq_penalties,
-               pruning_ratios=args.pruning_ratios, seeds=seeds)
+    cfg.update(gammas=args.gammas, initial_bits=args.initial_bits, levels=[args.levels], bits=args.bits,
+               diffq_penalties=args.diffq_penalties, pruning_ratios=args.pruning_ratios, seeds=seeds)
     print(header(), flush=True)
     results = {"benchmark": "pareto", "setting": cfg, "runs": [], "seed_runs": []}
 
@@ -216,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 #: Settings that list a sweep's seeds and points: ``--combine`` files may differ in these.
-POINT_LISTS = ("seeds", "gammas", "bits", "diffq_penalties", "pruning_ratios")
+POINT_LISTS = ("seeds", "gammas", "levels", "bits", "diffq_penalties", "pruning_ratios")
 
 
 def combine(args) -> dict:

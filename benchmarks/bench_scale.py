@@ -23,6 +23,7 @@ from digits import Classifier, accuracy, digits_cnn, digits_loaders  # noqa: E40
 from torch import nn  # noqa: E402
 
 import selfcompress  # noqa: E402
+from selfcompress.quantize import LEVELS  # noqa: E402
 
 
 def digits_mlp(hidden: int) -> nn.Sequential:
@@ -55,9 +56,9 @@ def fit(kind: str, scale: int, epochs: int, seed: int, callbacks: list) -> tuple
     return accuracy(model, test_loader), time.perf_counter() - start
 
 
-def run(kind: str, scale: int, epochs: int, gamma: float, seed: int) -> dict:
+def run(kind: str, scale: int, epochs: int, gamma: float, seed: int, levels: str = "paper") -> dict:
     """One net compressed under ``gamma``, beside its fp32 twin (same seed and epochs)."""
-    callback = selfcompress.SelfCompress(gamma=gamma, print_report=False)
+    callback = selfcompress.SelfCompress(gamma=gamma, levels=levels, print_report=False)
     compressed_accuracy, seconds = fit(kind, scale, epochs, seed, [callback])
     fp32_accuracy, _ = fit(kind, scale, epochs, seed, [])
     size = callback.size()
@@ -82,15 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gamma", type=float, default=0.05)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--kinds", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument("--levels", default="paper", choices=LEVELS, help="SelfCompress(levels=...)")
     add_run_arguments(parser, smoke_help="one epoch at scales 1 and 4", plot=False)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     epochs, scales = (1, [1, 4]) if args.smoke else (args.epochs, args.scales)
 
-    rows = [run(kind, scale, epochs, args.gamma, args.seed) for kind in args.kinds for scale in scales]
+    rows = [run(kind, scale, epochs, args.gamma, args.seed, args.levels) for kind in args.kinds for scale in scales]
     print(header())
-    print(f"digits, {epochs} epochs, gamma {args.gamma}, seed {args.seed}; kept: share of the weights left after "
-          "closing channels; seconds: the compressed run")
+    print(f"digits, {epochs} epochs, gamma {args.gamma}, levels {args.levels}, seed {args.seed}; kept: share of the "
+          "weights left after closing channels; seconds: the compressed run")
     print(f"{'net':>4} {'scale':>5} {'weights':>10} {'kept':>7} {'bits/weight':>11} {'bits/kept':>9} "
           f"{'of fp32':>8} {'accuracy':>9} {'fp32 acc.':>9} {'seconds':>8}")
     for r in rows:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{r['bits_per_weight']:>11.3f} {r['bits_per_kept_weight']:>9.3f} {r['fraction']:>8.2%} "
             f"{r['accuracy']:>9.2%} {r['fp32_accuracy']:>9.2%} {r['seconds']:>8.0f}"
         )
-    results = {"epochs": epochs, "gamma": args.gamma, "runs": rows}
+    results = {"epochs": epochs, "gamma": args.gamma, "levels": args.levels, "runs": rows}
     write_json(args.out, results)
     return results
 
