@@ -71,7 +71,8 @@ class SelfCompress(Callback):
             times the channel's scale. ``"signs"``: the same, except that a channel below
             ``log2(3)`` bits, to which eq. 1 leaves only ``{-scale, 0}``, holds each weight's
             sign, ``±scale/2``, in one bit. Measured better at a few percent of the float32
-            size (see the README); not the default until it is measured everywhere.
+            size with ``target_size``; with a gamma on wide networks with batch norms it
+            closes far more channels than eq. 1 (see the README), so it is not the default.
         bits_lr: Learning rate of the bit depths (Adam).
         exponent_lr: Learning rate of the exponents (Adam).
         follow_schedule: Scale both learning rates by the user's learning-rate schedule:
