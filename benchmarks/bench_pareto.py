@@ -272,7 +272,8 @@ def report(args, results: dict, per_seed: list[list[dict]]) -> dict:
     test_images = 10_000 if cfg["test_subset"] is None else cfg["test_subset"]
     print(f"\nMNIST CNN ({rows[0]['params']:,} weights), setting {cfg['name']}, batch {cfg['batch_size']}, "
           f"{test_images:,} test images, seeds {seeds[0]}-{seeds[-1]} (accuracy, bytes: mean over seeds)")
-    print(f"{'method':<27}{'config':<26}{'steps':>6}{'accuracy':>10}{'file bytes':>12}{'params':>8}"
+    width = max(26, *(len(r["config"]) + 1 for r in rows))
+    print(f"{'method':<27}{'config':<{width}}{'steps':>6}{'accuracy':>10}{'file bytes':>12}{'params':>8}"
           f"{'seeds (min-max)':>17}  SelfCompress at <= bytes")
     for r in rows:
         best = r.get("selfcompress_best_at_no_more_bytes")
@@ -280,7 +281,7 @@ def report(args, results: dict, per_seed: list[list[dict]]) -> dict:
             f"{best:.2%} {'matched' if r['matched'] else 'NOT matched'}" if best is not None
             else "NOT matched (no point that small)")
         spread = f"{min(r['seed_accuracies']):.2%}-{max(r['seed_accuracies']):.2%}"
-        print(f"{r['method']:<27}{r['config']:<26}{r['steps']:>6}{r['accuracy']:>10.2%}{r['file_bytes']:>12,}"
+        print(f"{r['method']:<27}{r['config']:<{width}}{r['steps']:>6}{r['accuracy']:>10.2%}{r['file_bytes']:>12,}"
               f"{r['params']:>8,}{spread:>17}  {verdict}")
     peers = [r for r in rows if "matched" in r]
     results["matched"] = sum(r["matched"] for r in peers)
