@@ -125,9 +125,9 @@ def sweep(args, cfg: dict, seed: int, add) -> tuple[list[dict], str | None]:
     measured(dict(method="fp32", config="", steps=steps, seconds=seconds, accuracy=accuracy(base, test_loader),
                   file_bytes=state_dict_bytes(base.net), params=params(base.net)))
 
+    (levels,) = cfg["levels"]
     for gamma, own_bits in cfg["gammas"]:
         start_bits = cfg["initial_bits"] if own_bits is None else own_bits
-        levels = cfg.get("levels", ["paper"])[0]
         callback = make_callback(gamma, initial_bits=start_bits, levels=levels)
         model, _, seconds, steps = run(cfg["epochs"], extra_callbacks=[callback])
         sc = evaluate_selfcompress(model, callback, test_loader, example)

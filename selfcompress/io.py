@@ -132,8 +132,8 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
         widths.append(layer.widths.to(torch.int64).cpu())
         stored, odd = layer.stored
         odd_rows_seen |= bool(odd.any())
-        alphabets = [_ODD_WIDTH_DIGITS if o else _WIDTH_DIGITS for o in odd.tolist()]
-        digits = "".join(alphabet[w] for alphabet, w in zip(alphabets, widths[-1].tolist(), strict=True))
+        digits = "".join((_ODD_WIDTH_DIGITS if o else _WIDTH_DIGITS)[w]
+                         for o, w in zip(odd.tolist(), widths[-1].tolist(), strict=True))
         entries[attr] = [list(value.shape), _dtype_name(layer.dtype), digits]
         codes.append(stored)
         scales.append(layer.scale.detach().cpu().to(torch.float32).reshape(-1).view(torch.uint8))
@@ -352,7 +352,7 @@ def _widths(digits: Any, rows: int, version: int) -> tuple[Tensor, Tensor]:
     if not isinstance(digits, str) or len(digits) != rows or not set(digits) <= set(alphabet):
         raise ValueError(f"widths must be {rows} characters of {alphabet!r}, got {str(digits)[:40]!r}")
     index = torch.tensor([alphabet.index(d) for d in digits], dtype=torch.int64)
-    odd = index > len(_WIDTH_DIGITS) - 1
+    odd = index >= len(_WIDTH_DIGITS)
     return torch.where(odd, index - len(_WIDTH_DIGITS), index), odd
 
 
