@@ -132,8 +132,10 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
         widths.append(layer.widths.to(torch.int64).cpu())
         stored, odd = layer.stored
         odd_rows_seen |= bool(odd.any())
-        digits = "".join((_ODD_WIDTH_DIGITS if o else _WIDTH_DIGITS)[w]
-                         for o, w in zip(odd.tolist(), widths[-1].tolist(), strict=True))
+        digits = "".join(
+            (_ODD_WIDTH_DIGITS if o else _WIDTH_DIGITS)[w]
+            for o, w in zip(odd.tolist(), widths[-1].tolist(), strict=True)
+        )
         entries[attr] = [list(value.shape), _dtype_name(layer.dtype), digits]
         codes.append(stored)
         scales.append(layer.scale.detach().cpu().to(torch.float32).reshape(-1).view(torch.uint8))
