@@ -63,11 +63,10 @@ class SelfCompress(Callback):
             after which the size is steered to ``target_size`` itself; before, to a goal
             falling towards it, so that the network has time to adapt. ``0`` (or training
             of unknown length) steers to ``target_size`` from the first step.
-        initial_bits: Starting bit depth of every channel (3: measured better than 8 on every
-            benchmark but one, smaller at equal or better accuracy). Raise it (say to 8) to
-            start a pretrained network from almost exactly its own output; a network made
-            mostly of depthwise convolutions is larger from 8, and no more accurate on the
-            mean of three seeds.
+        initial_bits: Starting bit depth of every channel (3: measured smaller than 8 on
+            every benchmark, at equal or better accuracy; on a depthwise CNN, as accurate
+            within its seeds' spread). Raise it (say to 8) to start a pretrained network
+            from almost exactly its own output.
         levels: The quantization grid. ``"paper"``: eq. 1, integers ``-2^(b-1) .. 2^(b-1) - 1``
             times the channel's scale. ``"signs"``: the same, except that a channel below
             ``log2(3)`` bits, to which eq. 1 leaves only ``{-scale, 0}``, holds each weight's
