@@ -38,6 +38,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 import time
 import zipfile
@@ -101,8 +102,14 @@ def cached(zip_path: Path, cache_dir: Path, split: str) -> tuple[np.ndarray, np.
     if not (x_path.exists() and y_path.exists()):
         images, labels = decode(zip_path, split)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        np.save(x_path, images)
-        np.save(y_path, labels)
+        for path, array in ((x_path, images), (y_path, labels)):
+            # Written under a private name, then renamed: a run started beside this one never reads half a file.
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+            try:
+                np.save(partial, array)
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
     return np.load(x_path), np.load(y_path)
 
 

@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,6 +243,25 @@ def test_cifar_diffq_smoke(tmp_path, capsys) -> None:
     assert 0 < diffq["bytes"] < fp32["bytes"] and diffq["fraction_of_fp32_bits"] == diffq["bytes"] / fp32["bytes"]
     assert 0.0 <= diffq["accuracy"] <= 1.0 and diffq["steps"] == fp32["steps"]
     assert "DiffQ penalty 10" in capsys.readouterr().out
+
+
+def test_cifar_cache_is_renamed_into_place(tmp_path, monkeypatch) -> None:
+    """The decoded split lands under its final name whole: no partial file is left, a second call only reads."""
+    bench = load("bench_cifar")
+    images, labels = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3), np.array([3, 7])
+    decoded = []
+    monkeypatch.setattr(bench, "decode", lambda zip_path, split: decoded.append(split) or (images, labels))
+    for _ in range(2):
+        x, y = bench.cached(tmp_path / "absent.zip", tmp_path / "cache", "test")
+        np.testing.assert_array_equal(x, images)
+        np.testing.assert_array_equal(y, labels)
+    assert decoded == ["test"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"cifar10jpeg_test_{a}.npy" for a in "xy"]
+    # Interrupted before the rename (a run beside it would be reading now): nothing under the final names.
+    monkeypatch.setattr(bench.os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        bench.cached(tmp_path / "absent.zip", tmp_path / "other", "train")
+    assert not list((tmp_path / "other").iterdir())  # nor the unfinished copy
 
 
 def test_cifar_augmentation_is_the_training_one() -> None:
