@@ -18,10 +18,23 @@ from pathlib import Path
 import torch
 
 
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+    # The CPU and the kernels torch picks for it: bf16 and float results differ between them.
     return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+        f"{platform.platform()}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()} kernels), "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}"
     )
 
 
