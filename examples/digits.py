@@ -122,7 +122,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", default=None, help="write the compression report's PNG here")
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     start = time.perf_counter()
     baseline, baseline_acc, _ = train(args.epochs, gamma=None, seed=args.seed)
