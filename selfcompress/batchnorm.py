@@ -120,3 +120,80 @@ class RecentInputs:
 
     def __len__(self) -> int:
         return len(self._calls)
+
+
+#: The running statistics a batch norm in eval form leaves out of a packed file.
+STATISTICS = ("running_mean", "running_var")
+
+
+def eval_form_variance(eps: float) -> float | None:
+    """The float32 ``v`` with ``v + eps == 1`` in float32, so ``1 / sqrt(v + eps)`` is exactly 1.
+
+    ``None`` when no non-negative float32 does (``eps`` of 1 or more).
+    """
+    epsilon = torch.tensor(eps, dtype=torch.float32)
+    one = torch.tensor(1.0, dtype=torch.float32)
+    variance = one - epsilon
+    for _ in range(4):  # 1 - eps rounds to within an ulp of the answer
+        total = variance + epsilon
+        if total == one and variance >= 0:
+            return float(variance)
+        variance = torch.nextafter(variance, torch.tensor(0.0 if total > one else 2.0))
+    return None
+
+
+def has_eval_form(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch norm whose eval-mode affine map its own weight and bias can hold.
+
+    That takes affine parameters, running statistics and float32 throughout; see :func:`eval_form`.
+    """
+    if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats):
+        return False
+    tensors = (module.weight, module.bias, module.running_mean, module.running_var)
+    float32 = all(t is not None and t.dtype == torch.float32 for t in tensors)
+    return float32 and eval_form_variance(module.eps) is not None
+
+
+@torch.no_grad()
+def eval_form(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A batch norm's ``weight``, ``bias``, ``running_mean`` and ``running_var`` in eval form.
+
+    In eval mode a batch norm computes ``x * a + c`` per channel with
+    ``a = weight / sqrt(running_var + eps)`` and ``c = bias - running_mean * a``. In eval
+    form the weight is ``a``, the bias ``c``, the mean 0 and the variance
+    :func:`eval_form_variance` (so that ``sqrt(running_var + eps)`` is exactly 1): the same
+    outputs in eval mode, to float rounding (bit for bit with PyTorch's CPU kernel, whose
+    arithmetic this follows), with two constant statistics that a file need not store.
+    Applied twice it changes nothing. A pure function: ``module`` is not modified.
+
+    Raises:
+        ValueError: ``module`` has no eval form (:func:`has_eval_form`).
+    """
+    if not has_eval_form(module):
+        raise ValueError(f"`module` {module!r} has no eval form: it needs affine=True, running statistics, float32.")
+    scale = torch.rsqrt(module.running_var + module.eps) * module.weight
+    shift = torch.addcmul(module.bias, module.running_mean, scale, value=-1)
+    variance = eval_form_variance(module.eps)
+    return {
+        "weight": scale,
+        "bias": shift,
+        "running_mean": torch.zeros_like(module.running_mean),
+        "running_var": torch.full_like(module.running_var, variance),
+    }
+
+
+def eval_form_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """``model``'s state dict with every batch norm that has one in :func:`eval_form`.
+
+    Returns the state and the names of the statistics that are now constants (which a
+    packed file stores as one number each). ``model`` is not modified.
+    """
+    state = dict(model.state_dict())
+    constants: set[str] = set()
+    for module_name, module in model.named_modules():
+        if has_eval_form(module):
+            prefix = f"{module_name}." if module_name else ""
+            for attr, value in eval_form(module).items():
+                state[prefix + attr] = value
+            constants.update(prefix + attr for attr in STATISTICS)
+    return state, constants

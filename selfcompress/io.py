@@ -11,12 +11,19 @@ and 4 hold two uint8 tensors, so the header stays small whatever the number of l
   other tensor (biases, batch-norm parameters and statistics, float weights) as it is
   (compressed as a whole too in an entropy-coded file, where that makes it smaller).
 
+A batch norm with affine parameters and running statistics is stored in eval form
+(:func:`selfcompress.batchnorm.eval_form`): its weight and bias hold the affine map it
+applies in eval mode and its statistics are left out, its manifest entry marked
+``"eval"``; loading sets them to the constants of eval form for the model's own ``eps``.
+Such files are version 5; a loaded model computes the same in eval mode, to float
+rounding (bit for bit on PyTorch's CPU kernel).
+
 The safetensors metadata holds the format name and version, a SHA-256 of both tensors and
 the manifest's length. The manifest lists each module holding tensors with its type and,
 per tensor, its shape and dtype, plus one width digit per row for packed weights; the
 tensors follow in that order. A row whose codes are all odd (a channel holding signs) is
-stored halved, one bit narrower, and marked by its digit: such files are version 4, all
-others version 3. It depends only on the compact module, so every input
+stored halved, one bit narrower, and marked by its digit: such files are version 4 (5
+with batch norms in eval form); all others version 3. It depends only on the compact module, so every input
 ``finalize`` accepts gives the same bytes. Versions 1 and 2 (one safetensors entry per
 tensor, three per packed weight) still load.
 
@@ -45,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from selfcompress.batchnorm import STATISTICS, eval_form_state, eval_form_variance
 from selfcompress.entropy import CODERS, compress, decode_codes, decompress, encode_codes
 from selfcompress.finalize import compressed, mark_compact
 from selfcompress.packing import pack_codes, packed_nbytes, unpack_codes
@@ -52,7 +60,7 @@ from selfcompress.quantize import dequantize, restored_codes
 from selfcompress.surgery import resize_to_state_dict
 
 FORMAT_NAME = "selfcompress"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 METADATA_KEY = "selfcompress"
 _CODES, _SCALE, _WIDTH = "::codes", "::scale", "::width"
 
@@ -70,6 +78,7 @@ _STORED_DTYPES = {
 _WIDTH_DIGITS = "0123456789abcdefg"
 _ODD_WIDTH_DIGITS = "hijklmnopqrstuvwx"
 _MAX_MANIFEST = 1 << 26  # bytes a manifest may inflate to
+_EVAL_FORM = "eval"  # a module entry's mark: a batch norm in eval form, its statistics left out (version 5)
 
 
 class SelfCompressFormatError(ValueError):
@@ -114,7 +123,7 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
     odd_rows_seen = False
     # One order whatever form ``model`` came in: modules as they nest, each one's tensors by name.
     order = {module_name: i for i, (module_name, _) in enumerate(compact.named_modules(remove_duplicate=False))}
-    state = compact.state_dict()
+    state, constants = eval_form_state(compact)
     for name in sorted(state, key=lambda n: (order.get(n.rpartition(".")[0], len(order)), n.rpartition(".")[2])):
         value = state[name]
         module_name, _, attr = name.rpartition(".")
@@ -122,6 +131,10 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
             groups[module_name] = [module_name, type(compact.get_submodule(module_name)).__name__, {}]
         entries = groups[module_name][2]
         layer = layers.get(name)
+        if name in constants:
+            if len(groups[module_name]) == 3:
+                groups[module_name].append(_EVAL_FORM)
+            continue
         if layer is None or layer.dtype not in _DTYPES.values():
             value = value.detach().cpu().contiguous()
             if _dtype_name(value.dtype) not in _STORED_DTYPES:
@@ -152,9 +165,10 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
     body = {"coding": coding, "tail": tail_coding, "modules": list(groups.values())}
     compressed_body = zlib.compress(_json(body), 9)
     tensors = {"codes": stream, "data": _cat_bytes([_as_tensor(compressed_body), tail])}
+    version = 5 if constants else 4 if odd_rows_seen else 3  # what older readers can read stays as it was
     head = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION if odd_rows_seen else 3,  # what older readers can read stays version 3
+        "version": version,
         "sha256": _digest(tensors),
         "manifest_bytes": len(compressed_body),
     }
@@ -283,18 +297,27 @@ def _file_shapes(manifest: dict, stored: dict[str, Tensor]) -> dict[str, tuple[i
     return {entry[0]: entry[2] for entry in _entries(manifest)}
 
 
-def _entries(manifest: dict) -> list[tuple[str, str, tuple[int, ...], str, str | None]]:
-    """``(name, module type, shape, dtype, width digits or None)`` of every tensor of a version 3 file, in order."""
+def _entries(manifest: dict) -> list[tuple[str, str, tuple[int, ...], str, str | None, str | None]]:
+    """``(name, module type, shape, dtype, width digits, statistic)`` of every tensor of a version 3+ file, in order.
+
+    A packed weight has width digits; a statistic a batch norm in eval form left out (version 5)
+    is named by its attribute; every other tensor has neither.
+    """
     modules = manifest["modules"]
     if not isinstance(modules, list):
         raise TypeError("`modules` must be a list")
     found = []
+    lengths = (3, 4) if manifest["version"] >= 5 else (3,)
     for group in modules:
         if not (
-            isinstance(group, list) and len(group) == 3 and isinstance(group[0], str) and isinstance(group[1], str)
+            isinstance(group, list)
+            and len(group) in lengths
+            and isinstance(group[0], str)
+            and isinstance(group[1], str)
+            and group[3:] in ([], [_EVAL_FORM])
         ):
-            raise TypeError(f"a module entry must be [name, type, tensors], got {str(group)[:80]}")
-        module_name, type_name, tensors = group
+            raise TypeError(f"a module entry must be [name, type, tensors] (or with 'eval'), got {str(group)[:80]}")
+        module_name, type_name, tensors = group[:3]
         if not isinstance(tensors, dict):
             raise TypeError(f"the tensors of module '{module_name}' must be a mapping")
         for attr, spec in tensors.items():
@@ -303,17 +326,24 @@ def _entries(manifest: dict) -> list[tuple[str, str, tuple[int, ...], str, str |
                 raise TypeError(f"'{name}' must be [shape, dtype] or [shape, dtype, widths], got {str(spec)[:80]}")
             if spec[1] not in (_DTYPES if len(spec) == 3 else _STORED_DTYPES):
                 raise ValueError(f"'{name}' has dtype {spec[1]!r}, not one a file may hold")
-            found.append((name, type_name, _shape(spec[0]), spec[1], spec[2] if len(spec) == 3 else None))
+            found.append((name, type_name, _shape(spec[0]), spec[1], spec[2] if len(spec) == 3 else None, None))
+        if group[3:]:
+            prefix = f"{module_name}." if module_name else ""
+            weight = tensors.get("weight")
+            if set(tensors) & set(STATISTICS) or not (isinstance(weight, list) and len(weight) == 2):
+                raise ValueError(f"'{module_name}' is marked 'eval' but has no float weight, or keeps its statistics")
+            shape = _shape(weight[0])
+            found += [(prefix + stat, type_name, shape, "float32", None, stat) for stat in STATISTICS]
     names = [entry[0] for entry in found]
     if len(set(names)) != len(names):
         raise ValueError("tensor names must be distinct")
     return found
 
 
-def _file_state(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The finalized model's state dict rebuilt from a validated file."""
+def _file_state(manifest: dict, stored: dict[str, Tensor], eps: dict[str, float]) -> dict[str, Tensor]:
+    """The finalized model's state dict rebuilt from a validated file (``eps``: of the model's batch norms)."""
     if manifest["version"] >= 3:
-        return _file_state_v3(manifest, stored)
+        return _file_state_v3(manifest, stored, eps)
     packed = manifest["packed"]
     if not isinstance(packed, dict):
         raise TypeError("`packed` must be a mapping")
@@ -358,14 +388,14 @@ def _widths(digits: Any, rows: int, version: int) -> tuple[Tensor, Tensor]:
     return torch.where(odd, index - len(_WIDTH_DIGITS), index), odd
 
 
-def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+def _file_state_v3(manifest: dict, stored: dict[str, Tensor], eps: dict[str, float]) -> dict[str, Tensor]:
     if set(stored) != {"codes", "data"}:
         raise ValueError(f"the file holds tensors {sorted(stored)}, expected codes and data")
     coding, tail_coding = manifest["coding"], manifest["tail"]
     if any(c != "none" and c not in CODERS for c in (coding, tail_coding)):
         raise ValueError(f"unknown coding {coding!r} or {tail_coding!r}")
     entries = _entries(manifest)
-    packed = [(name, shape, dtype, digits) for name, _, shape, dtype, digits in entries if digits is not None]
+    packed = [(name, shape, dtype, digits) for name, _, shape, dtype, digits, _ in entries if digits is not None]
     if any(len(shape) < 2 for _, shape, _, _ in packed):
         raise ValueError("packed weights must have at least 2 dimensions")
     rows = [shape[0] for _, shape, _, _ in packed]
@@ -373,7 +403,7 @@ def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tenso
     forms = [_widths(digits, count, manifest["version"]) for (_, _, _, digits), count in zip(packed, rows, strict=True)]
     widths, odd = [w for w, _ in forms], [o for _, o in forms]
     stream, data = _stored(stored, "codes"), _stored(stored, "data")
-    other = [(name, shape, dtype) for name, _, shape, dtype, digits in entries if digits is None]
+    other = [(name, shape, dtype) for name, _, shape, dtype, digits, stat in entries if digits is None and stat is None]
     sizes = [math.prod(shape) * _STORED_DTYPES[dtype].itemsize for _, shape, dtype in other]
     need = 4 * sum(rows) + sum(sizes)  # bytes of the scales and the other tensors
     data = data[manifest["manifest_bytes"] :]
@@ -394,6 +424,16 @@ def _file_state_v3(manifest: dict, stored: dict[str, Tensor]) -> dict[str, Tenso
     else:
         codes = decode_codes(stream.numpy().tobytes(), widths, cols, coding)
     state = {}
+    for name, _, shape, _, _, stat in entries:
+        if stat is not None:
+            module_name = name.rpartition(".")[0]
+            variance = eval_form_variance(eps[module_name]) if module_name in eps else None
+            if variance is None:
+                raise ValueError(
+                    f"'{module_name}' is marked 'eval' but the model's module there is no batch norm "
+                    "whose eps allows the eval form"
+                )
+            state[name] = torch.full(shape, 0.0 if stat == "running_mean" else variance)
     ends = list(itertools.accumulate(rows))
     for (name, shape, dtype, _), stored_form, odd_form, end, count in zip(packed, codes, odd, ends, rows, strict=True):
         layer_codes = restored_codes(stored_form, odd_form)
@@ -489,7 +529,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
         _check_model(model, manifest, shapes)  # before decoding: the model bounds what the file may expand to
         try:
-            state = _file_state(manifest, stored)
+            eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
+            state = _file_state(manifest, stored, eps)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             if isinstance(error, SelfCompressFormatError):
                 raise

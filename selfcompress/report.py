@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from selfcompress.batchnorm import eval_form_state
 from selfcompress.entropy import CODERS, compress, encode_codes
 from selfcompress.finalize import LayerCodes, compressed
 from selfcompress.layers import quantized_tensors
@@ -342,10 +343,11 @@ def entropy_size(compact: nn.Module, layers: Mapping[str, LayerCodes], coder: st
     packed = sum(packed_nbytes(w, c.shape[1]) for c, w in zip(codes, widths, strict=True))
     code_bytes = min(len(encode_codes(codes, widths, coder)), packed)
     floats = [layer.scale.detach().cpu().to(torch.float32).reshape(-1).view(torch.uint8) for layer in layers.values()]
+    state, constants = eval_form_state(compact)
     floats += [
         value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        for name, value in compact.state_dict().items()
-        if name not in layers
+        for name, value in state.items()
+        if name not in layers and name not in constants
     ]
     tail = torch.cat(floats).numpy().tobytes() if floats else b""
     return code_bytes + min(len(compress(tail, coder)), len(tail)) + sum(int(w.numel()) for w in widths)

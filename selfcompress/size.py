@@ -3,7 +3,9 @@
 Both read the same channel groups, so a channel counts as gone exactly when it can be
 removed. The exact figure is what a packed file holds: for every kept channel its integer
 codes at the width they need, a float32 scale, a one-byte width and its float32 bias; and
-every other parameter or buffer at its own precision.
+every other parameter or buffer at its own precision, except the running statistics of
+batch norms stored in eval form (:func:`selfcompress.batchnorm.eval_form`), which the
+file rebuilds as constants.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from selfcompress.batchnorm import STATISTICS, has_eval_form
 from selfcompress.graph import ChannelGraph
 from selfcompress.layers import _BIAS_OF, QuantizedTensor, quantized_tensors
 
@@ -175,7 +178,7 @@ def exact_size(model: nn.Module, graph: ChannelGraph) -> ModelSize:
 
     other_tensors = {}
     for name, value in _state_tensors(model):
-        if id(value) in counted:
+        if id(value) in counted or _folded_statistic(model, name):
             continue
         other_tensors[name] = _kept_elements(name, value, graph, kept) * value.element_size() * 8
     quantizer_params = {id(p) for t in tensors for p in t.quantizer.parameters()}
@@ -194,7 +197,8 @@ def packed_size(model: nn.Module, widths: Mapping[str, Tensor]) -> ModelSize:
 
     ``widths`` maps each packed weight (its ``state_dict`` name) to the code width of
     each of its rows; each row costs its codes, a float32 scale, a one-byte width and, if
-    the layer has one, its float32 bias. Every other tensor counts at its own precision.
+    the layer has one, its float32 bias. Every other tensor counts at its own precision,
+    except batch-norm statistics stored in eval form.
     The figures describe the model as it is (``channels_total`` and ``weights_total`` are
     its current ones).
     """
@@ -224,7 +228,11 @@ def packed_size(model: nn.Module, widths: Mapping[str, Tensor]) -> ModelSize:
             )
         )
         counted.update({name, bias_name} if bias is not None else {name})
-    other_tensors = {n: v.numel() * v.element_size() * 8 for n, v in state.items() if n not in counted}
+    other_tensors = {
+        n: v.numel() * v.element_size() * 8
+        for n, v in state.items()
+        if n not in counted and not _folded_statistic(model, n)
+    }
     return ModelSize(
         layers=layers,
         other_bits=sum(other_tensors.values()),
@@ -242,6 +250,12 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, Tensor]]:
             seen.add(id(value))
             found.append((name, value))
     return found
+
+
+def _folded_statistic(model: nn.Module, name: str) -> bool:
+    """Whether tensor ``name`` is a running statistic of a batch norm the file stores in eval form."""
+    module_name, _, attr = name.rpartition(".")
+    return attr in STATISTICS and has_eval_form(model.get_submodule(module_name))
 
 
 def _kept_elements(name: str, value: Tensor, graph: ChannelGraph, kept: Tensor) -> int:

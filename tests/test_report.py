@@ -66,7 +66,7 @@ def test_figures_are_those_of_the_packed_file(tmp_path) -> None:
         assert (row.channels_total, row.weights_total, row.weights_kept) == (weight.shape[0],) + (weight.numel(),) * 2
     assert [row.channels_open for row in found.layers] == [3, 3, 3]
     assert found.fp32_bytes == 4 * sum(p.numel() for p in compact.parameters())
-    assert found.other_bytes == 4 * 3 * 4 + 8  # the batch norm: 4 tensors of 3 floats and a counter
+    assert found.other_bytes == 2 * 3 * 4 + 8  # the batch norm in eval form: weight and bias of 3 floats, a counter
     save(model, tmp_path / "net.sc", INPUTS)
     size = os.path.getsize(tmp_path / "net.sc")
     assert found.total_bytes <= size <= found.total_bytes * 1.01 + 512
