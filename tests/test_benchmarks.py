@@ -22,6 +22,8 @@ def test_digits_benchmark_smoke(tmp_path, capsys) -> None:
     assert 0.0 < run["fraction"] < 1.0
     assert 0.0 <= run["accuracy"] <= 1.0
     assert run["finalized_accuracy"] == pytest.approx(run["accuracy"], abs=0.01)
+    assert run["exact_bytes"] <= run["file_bytes"] <= run["exact_bytes"] * 1.01 + 512
+    assert run["statistics_bytes"] > 0 and run["statistics_bytes"] % 8 == 0  # two float32 a batch-norm channel
     machine = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("machine: "))
     assert f"({torch.backends.cpu.get_cpu_capability()} kernels)" in machine  # results differ between CPUs
     assert (tmp_path / "digits.json").exists()
