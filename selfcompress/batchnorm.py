@@ -8,6 +8,7 @@ recorded inputs with the weights as they are now.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -126,6 +127,7 @@ class RecentInputs:
 STATISTICS = ("running_mean", "running_var")
 
 
+@functools.lru_cache(maxsize=64)
 def eval_form_variance(eps: float) -> float | None:
     """The float32 ``v`` with ``v + eps == 1`` in float32, so ``1 / sqrt(v + eps)`` is exactly 1.
 
