@@ -1,7 +1,7 @@
 """Saving a trained model as one packed safetensors file, and loading it back.
 
 The file is the compact module :func:`~selfcompress.finalize` returns. Format versions 3
-and 4 hold two uint8 tensors, so the header stays small whatever the number of layers:
+to 5 hold two uint8 tensors, so the header stays small whatever the number of layers:
 
 - ``codes``: every weight in integer form (:func:`selfcompress.quantize.integer_form`),
   layer after layer, bit-packed at the width each row needs (:mod:`selfcompress.packing`),
@@ -23,8 +23,8 @@ the manifest's length. The manifest lists each module holding tensors with its t
 per tensor, its shape and dtype, plus one width digit per row for packed weights; the
 tensors follow in that order. A row whose codes are all odd (a channel holding signs) is
 stored halved, one bit narrower, and marked by its digit: such files are version 4 (5
-with batch norms in eval form); all others version 3. It depends only on the compact module, so every input
-``finalize`` accepts gives the same bytes. Versions 1 and 2 (one safetensors entry per
+with batch norms in eval form); all others version 3. It depends only on the compact
+module, so every input ``finalize`` accepts gives the same bytes. Versions 1 and 2 (one safetensors entry per
 tensor, three per packed weight) still load.
 
 Loading never unpickles anything: safetensors, JSON and stdlib decompressors with an
