@@ -16,7 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from selfcompress.batchnorm import RecentInputs, batch_norms, detach_inputs, reestimate_batch_norm
-from selfcompress.checkpoint import accept_state_dict, plain_state_dict
+from selfcompress.checkpoint import accept_state_dict, plain_state_dict, size_as_built
 from selfcompress.finalize import compressed, silent_channels
 from selfcompress.gates import channel_closed_steps, count_closed_steps, drive_closed_to_zero, protect_outputs
 from selfcompress.graph import ChannelGraph, build_graph, record_example_inputs, stop_recording, traced_module
@@ -458,9 +458,17 @@ class SelfCompress(Callback):
         return penalty(self._tensors, self._graph, self._num_weights)
 
     def size(self) -> ModelSize:
-        """The exact size of the model being trained, against the network it started as."""
-        size = exact_size(self._traced, self._graph)
+        """The exact size of the model being trained, against the network it started as.
+
+        Totals (fp32 size, weights, and each layer's channels and weights) are those of the
+        network as built, before any channel left it.
+        """
+        size = size_as_built(exact_size(self._traced, self._graph), self._tensors, self._removed, self._prefix())
         return dataclasses.replace(size, fp32_bits=self._fp32_bits, weights_total=self._num_weights)
+
+    def _prefix(self) -> str:
+        """The traced network's prefix in the LightningModule's state-dict names."""
+        return next((f"{name}." for name, m in self._module.named_modules() if m is self._traced and name), "")
 
     def report(self) -> CompressionReport:
         """Per-layer figures, tables and a plot of the model being trained, with the history."""
@@ -491,7 +499,7 @@ class SelfCompress(Callback):
         ready = keep_one_per_group(ready, graph)
         if not ready.any():
             return 0
-        prefix = next((f"{name}." for name, m in self._module.named_modules() if m is self._traced and name), "")
+        prefix = self._prefix()
         optimizers = [*optimizers, self._optimizer]
         removed = remove_channels(self._traced, graph, ready, optimizers, record=self._removed, prefix=prefix)
         self._graph = build_graph(self._traced, self._inputs)

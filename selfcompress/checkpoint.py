@@ -6,17 +6,21 @@ built with. :func:`plain_state_dict` gives the state dict of the model as constr
 same keys, the original shapes, each compressed weight at its quantized value and the
 removed channels back in as exact zeros, so the plain model computes what the trained one
 computes. :func:`accept_state_dict` goes the other way for a prepared model that is
-loading a state dict, plain or not.
+loading a state dict, plain or not. :func:`size_as_built` counts a size's channels and
+weights against the shapes the model was built with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+import dataclasses
+import math
+from collections.abc import Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from selfcompress.layers import INITIAL_BITS, ChannelQuantizer, QuantizedTensor, quantized_tensors
+from selfcompress.size import ModelSize
 from selfcompress.surgery import RemovalRecord, resize_to_state_dict
 
 #: The value a removed channel's entry takes when padded back, by state-dict name ending
@@ -129,3 +133,28 @@ def accept_state_dict(
                 for key, value in fresh.items():
                     state_dict.setdefault(f"{chain}{index}.{key}", value)
     resize_to_state_dict(model, state_dict, prefix)
+
+
+def size_as_built(
+    size: ModelSize, tensors: Sequence[QuantizedTensor], removed: RemovalRecord, prefix: str = ""
+) -> ModelSize:
+    """``size`` with each layer's ``channels_total`` and ``weights_total`` those of its weight as built.
+
+    Args:
+        size: The exact size of a model that shrinking may have made smaller.
+        tensors: Its compressed weights.
+        removed: What the surgery removed from it, by state-dict name.
+        prefix: The model's prefix in ``removed``'s names.
+    """
+    shapes = {
+        tensor.name: removed[key]["shape"]
+        for tensor in tensors
+        if (key := f"{prefix}{_chain_prefix(tensor)}original") in removed
+    }
+    layers = [
+        dataclasses.replace(layer, channels_total=shape[0], weights_total=math.prod(shape))
+        if (shape := shapes.get(layer.name)) is not None
+        else layer
+        for layer in size.layers
+    ]
+    return dataclasses.replace(size, layers=layers)

@@ -52,6 +52,20 @@ def test_shrinking_removes_closed_channels_and_keeps_the_function() -> None:
     assert_optimizers_follow_the_model(model, trainer, callback)
 
 
+def test_the_report_counts_against_the_network_as_built() -> None:
+    """After shrinking, each row reads "open / as built", so the rows add up to the total."""
+    model, callback, _ = closing_run(shrink_every=1)
+    built = dict(small_cnn(dropout=0.0).named_parameters())  # the report names the network's own tensors
+    found = callback.report()
+    assert parameter_count(model) < parameter_count(Classifier(small_cnn(dropout=0.0)))  # channels did leave
+    for row in found.layers:
+        assert (row.channels_total, row.weights_total) == (built[row.name].shape[0], built[row.name].numel())
+        assert row.channels_open <= row.channels_total and row.weights_kept <= row.weights_total
+    assert found.weights_total == sum(row.weights_total for row in found.layers)
+    assert found.channels_total == sum(built[row.name].shape[0] for row in found.layers)
+    assert f"{found.layers[0].channels_open}/{built[found.layers[0].name].shape[0]}" in str(found)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd-onecycle"])
 def test_training_goes_on_after_shrinking_every_few_steps(optimizer: str) -> None:
     model, callback, trainer = closing_run(optimizer, epochs=5, shrink_every=2)
