@@ -464,7 +464,7 @@ class SelfCompress(Callback):
         network as built, before any channel left it.
         """
         size = size_as_built(exact_size(self._traced, self._graph), self._tensors, self._removed, self._prefix())
-        return dataclasses.replace(size, fp32_bits=self._fp32_bits, weights_total=self._num_weights)
+        return dataclasses.replace(size, fp32_bits=self._fp32_bits)
 
     def _prefix(self) -> str:
         """The traced network's prefix in the LightningModule's state-dict names."""

@@ -138,7 +138,7 @@ def accept_state_dict(
 def size_as_built(
     size: ModelSize, tensors: Sequence[QuantizedTensor], removed: RemovalRecord, prefix: str = ""
 ) -> ModelSize:
-    """``size`` with each layer's ``channels_total`` and ``weights_total`` those of its weight as built.
+    """``size`` with each layer's ``channels_total`` and ``weights_total``, and the total weights, as built.
 
     Args:
         size: The exact size of a model that shrinking may have made smaller.
@@ -157,4 +157,4 @@ def size_as_built(
         else layer
         for layer in size.layers
     ]
-    return dataclasses.replace(size, layers=layers)
+    return dataclasses.replace(size, layers=layers, weights_total=sum(layer.weights_total for layer in layers))

@@ -61,7 +61,7 @@ def test_the_report_counts_against_the_network_as_built() -> None:
     for row in found.layers:
         assert (row.channels_total, row.weights_total) == (built[row.name].shape[0], built[row.name].numel())
         assert row.channels_open <= row.channels_total and row.weights_kept <= row.weights_total
-    assert found.weights_total == sum(row.weights_total for row in found.layers)
+    assert found.weights_total == sum(row.weights_total for row in found.layers) == callback._num_weights
     assert found.channels_total == sum(built[row.name].shape[0] for row in found.layers)
     assert f"{found.layers[0].channels_open}/{built[found.layers[0].name].shape[0]}" in str(found)
 
