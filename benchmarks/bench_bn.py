@@ -8,6 +8,10 @@ on another shuffle of the same images, shows how far two equally valid re-estima
 the floor under which the gap cannot be read.
 
     python benchmarks/bench_bn.py --nets digits resnet9 mobilenetv2 --bn-samples 0 2048
+
+``--gammas`` sweeps gamma instead of each network's default, and ``--fp32`` also trains
+each network without the callback (same seed, data and epochs), so that the final
+accuracies can be read against the uncompressed network's.
 """
 
 from __future__ import annotations
@@ -108,9 +112,11 @@ def run(
     epochs: int | None = None,
     initial_bits: float = INITIAL_BITS,
     levels: str = "paper",
+    gamma: float | None = None,
 ) -> list[dict[str, float]]:
-    factory, channels, default_epochs, gamma = NETS[name]
+    factory, channels, default_epochs, default_gamma = NETS[name]
     epochs = epochs or default_epochs
+    gamma = default_gamma if gamma is None else gamma
     pl.seed_everything(seed, verbose=False)
     train, test = loaders(channels, seed)
     model = Classifier(factory())
@@ -131,6 +137,24 @@ def run(
     return probe.rows
 
 
+def fp32_accuracy(name: str, seed: int, epochs: int | None = None) -> float:
+    """Final eval accuracy of network ``name`` trained without the callback, as :func:`run` trains it."""
+    factory, channels, default_epochs, _ = NETS[name]
+    pl.seed_everything(seed, verbose=False)
+    train, test = loaders(channels, seed)
+    model = Classifier(factory())
+    trainer = pl.Trainer(
+        max_epochs=epochs or default_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    trainer.fit(model, train)
+    return accuracy(model, test)
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
@@ -139,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     parser.add_argument("--epochs", type=int, default=None, help="instead of each network's default")
     parser.add_argument("--initial-bits", type=float, default=INITIAL_BITS, help="SelfCompress(initial_bits=...)")
     parser.add_argument("--levels", default="paper", choices=LEVELS, help="SelfCompress(levels=...)")
+    parser.add_argument("--gammas", nargs="+", type=float, default=None, help="instead of each network's gamma")
+    parser.add_argument("--fp32", action="store_true", help="also train each network without the callback")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--smoke", action="store_true", help="one epoch, to check the script runs")
     args = parser.parse_args(argv)
@@ -147,13 +173,18 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     epochs = 1 if args.smoke else args.epochs
     print(header())
     results = {}
+    if args.gammas is not None and not all(g > 0 for g in args.gammas):
+        parser.error(f"--gammas must all be > 0, got {args.gammas}")
     for name in args.nets:
-        for bn_samples in args.bn_samples:
+        if args.fp32:
             start = time.perf_counter()
-            rows = results[f"{name}/{bn_samples}"] = run(
-                name, bn_samples, args.seed, epochs, args.initial_bits, args.levels
-            )
-            gamma = NETS[name][3]
+            results[f"{name}/fp32"] = fp32 = fp32_accuracy(name, args.seed, epochs)
+            print(f"\n{name}, fp32 (no callback), seed {args.seed} ({time.perf_counter() - start:.0f} s): "
+                  f"final eval {fp32:.2%}")
+        for bn_samples, gamma in itertools.product(args.bn_samples, args.gammas or [NETS[name][3]]):
+            start = time.perf_counter()
+            key = f"{name}/{bn_samples}" + (f"/{gamma:g}" if args.gammas else "")
+            rows = results[key] = run(name, bn_samples, args.seed, epochs, args.initial_bits, args.levels, gamma)
             print(
                 f"\n{name}, gamma {gamma}, bn_samples {bn_samples}, levels {args.levels}, seed {args.seed} "
                 f"({time.perf_counter() - start:.0f} s)"
@@ -168,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
             floor = [abs(r["twin2"] - r["twin"]) for r in rows]
             print(
                 f"max |gap| {100 * max(gaps):.2f} points (two re-estimates on other shuffles differ by up to "
-                f"{100 * max(floor):.2f}); final eval {rows[-1]['eval']:.2%}"
+                f"{100 * max(floor):.2f}); final eval {rows[-1]['eval']:.2%} at {rows[-1]['size']:.1%} of fp32"
             )
             sys.stdout.flush()
     return results

@@ -174,3 +174,17 @@ def test_benchmark_smoke(capsys) -> None:
     (row,) = results["digits/256"]
     assert abs(row["eval"] - row["twin"]) <= 0.01
     assert "machine:" in capsys.readouterr().out
+
+
+def test_benchmark_sweeps_gamma_beside_the_fp32_network() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "bench_bn", Path(__file__).parent.parent / "benchmarks" / "bench_bn.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--smoke", "--nets", "digits", "--bn-samples", "256", "--gammas", "0.05", "2", "--fp32"])
+    assert set(results) == {"digits/fp32", "digits/256/0.05", "digits/256/2"}
+    assert 0.0 <= results["digits/fp32"] <= 1.0
+    assert results["digits/256/2"][-1]["size"] < results["digits/256/0.05"][-1]["size"]
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--nets", "digits", "--gammas", "0"])
