@@ -124,17 +124,13 @@ def run(
         gamma=gamma, bn_samples=bn_samples, initial_bits=initial_bits, levels=levels, print_report=False
     )
     probe = EvalVersusReestimated(train, test, compress, second_twin=True)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=[compress, probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    trainer.fit(model, train)
+    quiet_trainer(epochs, [compress, probe]).fit(model, train)
     return probe.rows
+
+
+def quiet_trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, deterministic=True)
 
 
 def fp32_accuracy(name: str, seed: int, epochs: int | None = None) -> float:
@@ -143,15 +139,7 @@ def fp32_accuracy(name: str, seed: int, epochs: int | None = None) -> float:
     pl.seed_everything(seed, verbose=False)
     train, test = loaders(channels, seed)
     model = Classifier(factory())
-    trainer = pl.Trainer(
-        max_epochs=epochs or default_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-    )
-    trainer.fit(model, train)
+    quiet_trainer(epochs or default_epochs, []).fit(model, train)
     return accuracy(model, test)
 
 
