@@ -59,3 +59,18 @@ def test_scale_benchmark_smoke(capsys) -> None:
 def test_printed_command_can_be_pasted(monkeypatch) -> None:
     monkeypatch.setattr("sys.argv", ["bench_pareto.py", "--bits", "", "--gammas", "0.001@4,0.002"])
     assert load("common").command() == "python bench_pareto.py --bits '' --gammas 0.001@4,0.002"
+
+
+def test_checkpoints_benchmark_smoke(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    results = load("bench_checkpoints").main(["--smoke"])
+    assert list(tmp_path.iterdir()) == []  # its checkpoints lived in a scratch directory, gone with it
+    assert [(r["mode"], r["seed"]) for r in results["runs"]] == [("gamma", 0), ("target_size", 0)]
+    for r in results["runs"]:
+        assert sorted(r["picks"]) == ["val_acc", "val_loss"]
+        for pick in [*r["picks"].values(), r["final"]]:
+            assert 0 <= pick["epoch"] < results["epochs"] and 0.0 <= pick["accuracy"] <= 1.0
+            # a checkpoint's file is the size the callback logged at its epoch, plus the container
+            assert pick["logged_bytes"] <= pick["file_bytes"] <= pick["logged_bytes"] * 1.01 + 512
+    assert sorted(results["fp32_accuracy"]) == [0] and 0.0 <= results["fp32_accuracy"][0] <= 1.0
+    assert "x final file" in capsys.readouterr().out
