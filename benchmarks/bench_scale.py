@@ -5,6 +5,8 @@ prints the bits per weight (and how they split into weights kept and bits per ke
 the size as a fraction of fp32 and the test accuracy of each beside its fp32 twin's::
 
     python benchmarks/bench_scale.py --epochs 20 --gamma 0.05 --out scale.json
+
+``--kinds mlp-bn`` adds the same MLP with a batch norm after each hidden layer.
 """
 
 from __future__ import annotations
@@ -33,7 +35,18 @@ def digits_mlp(hidden: int) -> nn.Sequential:
     )
 
 
-ARCHITECTURES = {"cnn": (digits_cnn, 8), "mlp": (digits_mlp, 32)}
+def digits_mlp_bn(hidden: int) -> nn.Sequential:
+    """The same MLP with a batch norm after each hidden linear layer."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )
+
+
+ARCHITECTURES = {"cnn": (digits_cnn, 8), "mlp": (digits_mlp, 32), "mlp-bn": (digits_mlp_bn, 32)}
+DEFAULT_KINDS = ["cnn", "mlp"]
 
 
 def fit(kind: str, scale: int, epochs: int, seed: int, callbacks: list) -> tuple[float, float]:
@@ -82,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--gamma", type=float, default=0.05)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--kinds", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=list(ARCHITECTURES))
     parser.add_argument("--levels", default="paper", choices=LEVELS, help="SelfCompress(levels=...)")
     add_run_arguments(parser, smoke_help="one epoch at scales 1 and 4", plot=False)
     args = parser.parse_args(argv)
@@ -93,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(header())
     print(f"digits, {epochs} epochs, gamma {args.gamma}, levels {args.levels}, seed {args.seed}; kept: share of the "
           "weights left after closing channels; seconds: the compressed run")
-    print(f"{'net':>4} {'scale':>5} {'weights':>10} {'kept':>7} {'bits/weight':>11} {'bits/kept':>9} "
+    print(f"{'net':>6} {'scale':>5} {'weights':>10} {'kept':>7} {'bits/weight':>11} {'bits/kept':>9} "
           f"{'of fp32':>8} {'accuracy':>9} {'fp32 acc.':>9} {'seconds':>8}")
     for r in rows:
         print(
-            f"{r['kind']:>4} {'x' + str(r['scale']):>5} {r['weights']:>10,} {r['weights_kept']:>7.1%} "
+            f"{r['kind']:>6} {'x' + str(r['scale']):>5} {r['weights']:>10,} {r['weights_kept']:>7.1%} "
             f"{r['bits_per_weight']:>11.3f} {r['bits_per_kept_weight']:>9.3f} {r['fraction']:>8.2%} "
             f"{r['accuracy']:>9.2%} {r['fp32_accuracy']:>9.2%} {r['seconds']:>8.0f}"
         )

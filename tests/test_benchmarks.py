@@ -56,6 +56,13 @@ def test_scale_benchmark_smoke(capsys) -> None:
     assert "fp32 acc." in capsys.readouterr().out
 
 
+def test_scale_benchmark_mlp_with_batch_norms() -> None:
+    plain = load("bench_scale").main(["--smoke", "--kinds", "mlp", "--scales", "1"])["runs"][0]
+    with_bn = load("bench_scale").main(["--smoke", "--kinds", "mlp-bn", "--scales", "1"])["runs"][0]
+    assert with_bn["kind"] == "mlp-bn"
+    assert with_bn["weights"] == plain["weights"]  # the batch norms add no compressed weights
+
+
 def test_printed_command_can_be_pasted(monkeypatch) -> None:
     monkeypatch.setattr("sys.argv", ["bench_pareto.py", "--bits", "", "--gammas", "0.001@4,0.002"])
     assert load("common").command() == "python bench_pareto.py --bits '' --gammas 0.001@4,0.002"
