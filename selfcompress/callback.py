@@ -28,6 +28,9 @@ from selfcompress.surgery import RemovalRecord, keep_one_per_group, remove_chann
 from selfcompress.targets import parse_target_size, scheduled_target, update_gamma
 
 METRIC_PREFIX = "selfcompress/"
+# Adam's own default: an exponent's task gradient shrinks as its layer widens, and a larger
+# epsilon (1e-3 before) held the exponents of wide layers almost still.
+EXPONENT_EPS = 1e-8
 
 
 class SelfCompress(Callback):
@@ -81,7 +84,8 @@ class SelfCompress(Callback):
         eps: Adam epsilon of the bit depths, large on purpose so that they move steadily. Their
             gradients are measured in units of the average channel's size gradient
             (``d penalty / d bits`` averaged over the channels at the first step), so the same
-            ``eps`` and ``gamma`` act alike on a network of any size. Exponents use 1e-3.
+            ``eps`` and ``gamma`` act alike on a network of any size. Exponents use Adam's
+            own 1e-8 (``EXPONENT_EPS``), small beside their gradients at any width.
         exclude_names: Module names (``fnmatch`` patterns) to leave uncompressed.
         exclude_types: Module classes to leave uncompressed.
         output_min_bits: Floor on the bit depth of layers writing the model's outputs,
@@ -256,7 +260,7 @@ class SelfCompress(Callback):
         self._optimizer = torch.optim.Adam(
             [
                 {"params": [t.quantizer.bits for t in self._tensors], "lr": self.bits_lr},
-                {"params": [t.quantizer.exponent for t in self._tensors], "lr": self.exponent_lr, "eps": 1e-3},
+                {"params": [t.quantizer.exponent for t in self._tensors], "lr": self.exponent_lr, "eps": EXPONENT_EPS},
             ],
             eps=self.eps,
             weight_decay=0.0,

@@ -144,13 +144,14 @@ class Run:
 def run(request, tmp_path_factory) -> Run:
     run = Run(request.param, tmp_path_factory.mktemp(request.param))
     # Channels left the network during fit, the best checkpoint was written after they did, and
-    # the network still computes something that depends on its input.
+    # the network still computes something that depends on its input (a network whose channels
+    # all closed gives one output for every input: a spread of 0).
     assert channel_count(run.model) < fresh_channel_count(run.arch)
     saved = torch.load(run.best, weights_only=True)["selfcompress"]
     assert sum(v.shape[0] for k, v in saved["state_dict"].items() if k.endswith(".bits")) < fresh_channel_count(
         run.arch
     )
-    assert run.outputs_at(run.best).std(dim=0).mean() > 0.1
+    assert run.outputs_at(run.best).std(dim=0).mean() > 0.01
     return run
 
 
@@ -168,8 +169,8 @@ def test_load_from_checkpoint_computes_what_the_trained_model_computed(run: Run)
     for path in (run.best, run.last):
         loaded = Module.load_from_checkpoint(path)
         assert_same_outputs(eval_outputs(loaded, run.x), run.outputs_at(path))
-    last = Module.load_from_checkpoint(run.last)
-    assert_same_outputs(eval_outputs(last, run.x), eval_outputs(run.model, run.x))
+    # `last.ckpt` is a copy of the latest checkpoint written, which need not be the end of fit; the end
+    # of fit is `test_save_checkpoint_after_fit_loads_into_the_plain_module`.
 
 
 @pytest.mark.parametrize("arch", ["densenet", "mobilenetv2"])
