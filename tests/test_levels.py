@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import selfcompress
 from selfcompress import SelfCompress, integer_codes, quantize
 from selfcompress.io import SelfCompressFormatError, read_manifest
-from selfcompress.quantize import code_bits, dequantize, restored_codes, row_widths, stored_codes
+from selfcompress.quantize import _half_step, code_bits, dequantize, restored_codes, row_widths, stored_codes
 from tests.helpers import tiny_trainer
 from tests.test_checkpoints import (
     NETS,
@@ -124,7 +124,7 @@ def one_bit_channels(path: Path) -> int:
     """Channels of a checkpoint in the one-bit range, where ``levels="signs"`` holds signs."""
     saved = torch.load(path, weights_only=True)["selfcompress"]["state_dict"]
     bits = torch.cat([value.flatten() for key, value in saved.items() if key.endswith(".bits")])
-    return int(((bits > 0) & (bits < math.log2(3))).sum())
+    return int(((bits > 0) & (_half_step(bits, "signs") > 0)).sum())  # the rule `quantize` applies
 
 
 def run_step(path: Path) -> int:
