@@ -91,9 +91,12 @@ def plot(path: str, rows: list[dict], title: str) -> None:
 
 
 def gamma_points(text: str) -> list[tuple[float, float | None]]:
-    """``"0.002,0.01@4"`` -> ``[(0.002, None), (0.01, 4.0)]``: gammas, each with its own start bits or None."""
+    """``"0.002,0.01@4"`` -> ``[(0.002, None), (0.01, 4.0)]``: gammas, each with its own start bits or None.
+
+    ``""`` gives no points (the peers alone).
+    """
     points = []
-    for item in text.split(","):
+    for item in text.split(",") if text else []:
         gamma, at, bits = item.partition("@")
         try:
             points.append((float(gamma), float(bits) if at else None))
@@ -176,7 +179,7 @@ def averaged(per_seed: list[list[dict]]) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     parser = parser_with_common(__doc__)
     parser.add_argument("--gammas", type=gamma_points, default=None,
-                        help="comma-separated gammas; GAMMA@BITS starts that point's bit depths at BITS "
+                        help="comma-separated gammas; GAMMA@BITS starts that point's bit depths at BITS; '' for none "
                              f"(default {DEFAULT_GAMMAS}; --smoke: 0.05)")
     parser.add_argument("--bits", type=floats, default=[8, 4, 2], help="fixed-bit QAT depths")
     parser.add_argument("--diffq-penalties", type=floats, default=[3, 10, 30, 100])
@@ -196,12 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
         return skipped
     if args.smoke:
         cfg = dict(name="smoke", epochs=1, batch_size=128, train_subset=512, test_subset=1000)
-        args.gammas = args.gammas or [(0.05, None)]
+        args.gammas = [(0.05, None)] if args.gammas is None else args.gammas
         args.bits, args.diffq_penalties, args.pruning_ratios = [4], [10], [0.5]
     else:
         cfg = dict(name="short (CPU)", epochs=args.epochs, batch_size=args.batch_size,
                    train_subset=args.train_subset, test_subset=None)
-    args.gammas = args.gammas or gamma_points(DEFAULT_GAMMAS)
+    args.gammas = gamma_points(DEFAULT_GAMMAS) if args.gammas is None else args.gammas
     seeds = list(range(args.seed, args.seed + args.seeds))
     cfg.update(gammas=args.gammas, initial_bits=args.initial_bits, levels=[args.levels], bits=args.bits,
                diffq_penalties=args.diffq_penalties, pruning_ratios=args.pruning_ratios, seeds=seeds)

@@ -100,6 +100,7 @@ def test_pareto_smoke(tmp_path, capsys) -> None:
 def test_pareto_refuses_bad_gamma_points(text: str) -> None:
     gamma_points = load("bench_pareto").gamma_points
     assert gamma_points("0.002,0.01@4") == [(0.002, None), (0.01, 4.0)]
+    assert gamma_points("") == []
     with pytest.raises(argparse.ArgumentTypeError, match="--gammas item .* is not GAMMA or GAMMA@BITS"):
         gamma_points(text)
 
