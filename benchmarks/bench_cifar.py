@@ -35,7 +35,9 @@ batches.
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import itertools
 import json
 import logging
 import os
@@ -58,6 +60,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 
 import selfcompress  # noqa: E402
+from selfcompress.batchnorm import reestimate_batch_norm  # noqa: E402
 from selfcompress.quantize import LEVELS, check_levels  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -217,7 +220,7 @@ def _levels(text: str) -> str:
 
 
 RUN_OPTIONS = {"initial_bits": float, "bits_lr": float, "exponent_lr": float, "target_ramp": float, "bn_samples": int,
-               "levels": _levels}
+               "levels": _levels, "output_min_bits": float, "exclude": str}
 
 
 def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int]]:
@@ -249,6 +252,9 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
 def compressor(kind: str, value, options: dict[str, float]) -> selfcompress.SelfCompress | None:
     if kind in ("fp32", "diffq"):
         return None
+    if "exclude" in options:  # one module-name pattern left uncompressed, e.g. exclude=net.0 (the first conv)
+        options = {key: value for key, value in options.items() if key != "exclude"} | {
+            "exclude_names": (options["exclude"],)}
     if kind == "gamma":
         return make_callback(value, **options)
     if kind == "target":
@@ -276,6 +282,17 @@ def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):
     return model, callback, probe.rows, time.perf_counter() - start, trainer.global_step
 
 
+def plain_statistics_accuracy(net: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
+                              batches: int = 64) -> float:
+    """Test accuracy of a copy of ``net`` whose batch norms are re-estimated on ``batches`` plain training batches
+    (the training loader's images without flip or crop, drawn by a generator of their own)."""
+    twin = copy.deepcopy(net)
+    shuffle = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size, shuffle=True,
+                         generator=torch.Generator().manual_seed(0))
+    reestimate_batch_norm(twin, [((x,), {}) for x, _ in itertools.islice(shuffle, batches)])
+    return accuracy(twin, test_loader)
+
+
 def setting(args) -> dict:
     if args.smoke:
         return dict(name="smoke", width=0.125, epochs=1, train_subset=256, test_subset=256, batch_size=64,
@@ -299,7 +316,8 @@ def label(row: dict) -> str:
     name = {"fp32": "fp32", "gamma": "SelfCompress gamma {}", "target": "SelfCompress target {}",
             "bits": "fixed {:g}-bit QAT", "diffq": "DiffQ penalty {:g}"}[row["kind"]].format(row["value"])
     return name + "".join(f", from {value:g} bits" if key == "initial_bits" else
-                          f", {value} levels" if key == "levels" else f", {key} {value:g}"
+                          f", {value} levels" if key == "levels" else
+                          f", {key} {value}" if isinstance(value, str) else f", {key} {value:g}"
                           for key, value in row.get("options", {}).items())
 
 
@@ -473,10 +491,17 @@ def main(argv: list[str] | None = None) -> dict:
             compact = selfcompress.finalize(model.net)
             row.update(finalized_accuracy=accuracy(compact, test_loader), bytes=size.total_bytes,
                        fraction_of_fp32_bits=size.fraction_of_fp32, bits_per_weight=size.bits_per_weight,
-                       params=sum(p.numel() for p in compact.parameters()), final_gamma=float(callback.gamma))
+                       params=sum(p.numel() for p in compact.parameters()), final_gamma=float(callback.gamma),
+                       layers=[dict(name=layer.name, channels=[layer.channels_open, layer.channels_total],
+                                    mean_bits=layer.mean_bits, weights_kept=layer.weights_kept, bytes=layer.bytes)
+                               for layer in callback.report().layers])
+        if kind != "diffq":  # the same weights, batch norms re-estimated on plain (unaugmented) training images
+            row.update(plain_statistics_accuracy=plain_statistics_accuracy(model.net, train_loader, test_loader))
         results["runs"].append(row)
+        plain = row.get("plain_statistics_accuracy")
         print(f"done {label(row)}: {row['accuracy']:.2%} at {100 * row['fraction_of_fp32_bits']:.2f} % of fp32 bits "
-              f"({seconds:.0f} s)", flush=True)
+              f"({seconds:.0f} s)" + ("" if plain is None else f"; batch norms from plain images: {plain:.2%}"),
+              flush=True)
         write_json(args.out, results)  # after every run, so a long sweep can be read as it goes
 
     print_table(cfg, results["runs"])

@@ -184,6 +184,11 @@ def test_cifar_smoke(tmp_path, capsys) -> None:
     assert 0.0 < compressed["fraction_of_fp32_bits"] < 1.0 and compressed["bytes"] > 0
     assert compressed["finalized_accuracy"] == pytest.approx(compressed["accuracy"], abs=0.02)
     assert fixed["bits_per_weight"] == pytest.approx(2.0, abs=0.01)  # frozen depths: 2 bits a weight, none removed
+    # Per layer: channels open of total, code bits, and bytes that add up to no more than the whole.
+    layers = compressed["layers"]
+    assert layers and all(0 <= row["channels"][0] <= row["channels"][1] and row["bytes"] >= 0 for row in layers)
+    assert sum(row["bytes"] for row in layers) <= compressed["bytes"]
+    assert all(0.0 <= r["plain_statistics_accuracy"] <= 1.0 for r in (fp32, compressed, fixed))
     assert all(len(r["epochs"]) == 1 and 0.0 <= r["epochs"][0]["twin"] <= 1.0 for r in results["runs"])
     assert all(0.0 <= r["epochs"][0]["twin2"] <= 1.0 for r in results["runs"])  # the second re-estimate
     assert results["full_setting_run"] is False
@@ -308,6 +313,9 @@ def test_cifar_run_entries_are_checked() -> None:
     assert isinstance(parse_run("target:2%,bn_samples=4096")[2]["bn_samples"], int)
     assert parse_run("diffq:10") == ("diffq", 10.0, {})
     assert parse_run("target:2%,levels=signs")[2] == {"levels": "signs"}
+    assert parse_run("target:5%,exclude=net.0,output_min_bits=8")[2] == {"exclude": "net.0", "output_min_bits": 8.0}
+    callback = load("bench_cifar").compressor(*parse_run("target:5%,exclude=net.0"))
+    assert callback.exclude_names == ("net.0",)  # one pattern, not its characters
     for bad in ("gama:0.1", "bits:4,initial_bits=2", "target:5%,initial_bit=2", "target:5%,initial_bits=two",
                 "diffq:10,initial_bits=2", "target:2%,levels=sign"):
         with pytest.raises(ValueError, match=repr(bad)):
