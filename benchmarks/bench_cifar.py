@@ -27,7 +27,9 @@ are drawn for reference only, never as our measurement.
 
 Every run records, at each epoch's end, eval-mode accuracy on a class-balanced subset of
 the test images against a copy whose batch norms are re-estimated on shuffled training
-batches.
+batches. At the end each run also records the accuracy of its weights with batch norms
+re-estimated on plain (not flipped or cropped) training images, and a compressed run its
+layers (channels kept, mean code bits, bytes).
 
     python benchmarks/bench_cifar.py --cpu30 --threads 2 --out cifar30.json --plot benchmarks/plots/cifar_pareto.png
 """
