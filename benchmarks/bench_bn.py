@@ -99,10 +99,15 @@ class EvalVersusReestimated(pl.Callback):
         self.rows.append(row | ({"twin2": twins[1]} if len(twins) > 1 else {}))
 
     def _twin_accuracy(self, net: torch.nn.Module, shuffle: DataLoader) -> float:
-        twin = copy.deepcopy(net)
-        batches = itertools.islice(shuffle, self.reestimate_batches)
-        reestimate_batch_norm(twin, [((x,), {}) for x, _ in batches])
-        return accuracy(twin, self.test)
+        return reestimated_accuracy(net, shuffle, self.test, self.reestimate_batches)
+
+
+def reestimated_accuracy(net: torch.nn.Module, train: DataLoader, test: DataLoader, batches: int | None) -> float:
+    """Test accuracy of a copy of ``net`` whose batch norms are re-estimated on the first ``batches`` batches of
+    ``train`` (all of them when None)."""
+    twin = copy.deepcopy(net)
+    reestimate_batch_norm(twin, [((x,), {}) for x, _ in itertools.islice(train, batches)])
+    return accuracy(twin, test)
 
 
 def run(

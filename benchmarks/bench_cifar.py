@@ -37,9 +37,7 @@ layers (channels kept, mean code bits, bytes).
 from __future__ import annotations
 
 import argparse
-import copy
 import io
-import itertools
 import json
 import logging
 import os
@@ -53,7 +51,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent / "
 import lightning.pytorch as pl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench_bn import EvalVersusReestimated  # noqa: E402
+from bench_bn import EvalVersusReestimated, reestimated_accuracy  # noqa: E402
 from bench_mnist import fixed_bits_callback, make_callback  # noqa: E402
 from bench_peers import attach_diffq, diffq_file_bytes  # noqa: E402
 from common import add_run_arguments, header, seed_mean, size_accuracy_axes, write_json  # noqa: E402
@@ -62,7 +60,6 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset, TensorDataset  # noqa: E402
 
 import selfcompress  # noqa: E402
-from selfcompress.batchnorm import reestimate_batch_norm  # noqa: E402
 from selfcompress.quantize import LEVELS, check_levels  # noqa: E402
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -286,13 +283,11 @@ def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):
 
 def plain_statistics_accuracy(net: nn.Module, train_loader: DataLoader, test_loader: DataLoader,
                               batches: int = 64) -> float:
-    """Test accuracy of a copy of ``net`` whose batch norms are re-estimated on ``batches`` plain training batches
-    (the training loader's images without flip or crop, drawn by a generator of their own)."""
-    twin = copy.deepcopy(net)
+    """Test accuracy of ``net`` with batch norms re-estimated on ``batches`` plain training batches (the
+    training loader's images without flip or crop, drawn by a generator of their own)."""
     shuffle = DataLoader(train_loader.dataset, batch_size=train_loader.batch_size, shuffle=True,
                          generator=torch.Generator().manual_seed(0))
-    reestimate_batch_norm(twin, [((x,), {}) for x, _ in itertools.islice(shuffle, batches)])
-    return accuracy(twin, test_loader)
+    return reestimated_accuracy(net, shuffle, test_loader, batches)
 
 
 def setting(args) -> dict:
