@@ -13,7 +13,9 @@ decodes it once with Pillow into uint8 ``.npy`` arrays under ``--cache-dir`` (de
   images (flip / pad-4 crop), all 10,000 test images, bfloat16 autocast with channels-last
   inputs (faster than float32 on a CPU with bfloat16 units), runs fp32, ``target:5%``,
   ``target:2%`` and ``bits:4``; ``--runs`` picks others (a SelfCompress run may set
-  options after commas: ``target:5%,initial_bits=3``; ``diffq:<penalty>`` trains DiffQ,
+  options after commas: ``target:5%,initial_bits=3``; ``bits:<n>`` is fixed-bit QAT, and
+  ``bits:1,levels=signs`` a network of weight signs times learned channel scales;
+  ``diffq:<penalty>`` trains DiffQ,
   group size 8, biases and batch norms in float32, its bytes those of its packed file),
   ``--combine`` merges the JSON of
   runs made in separate processes (with ``--mean``, the runs of one label on different
@@ -238,14 +240,14 @@ def parse_run(spec: str) -> tuple[str, str | float | None, dict[str, float | int
     kind, _, value = base.partition(":")
     if kind == "fp32" and not value and not options:
         return "fp32", None, options
-    if kind == "gamma" or (kind in ("bits", "diffq") and not options):
+    if kind == "gamma" or (kind == "diffq" and not options) or (kind == "bits" and set(options) <= {"levels"}):
         return kind, float(value), options
     if kind == "target" and value:
         return "target", value, options
     raise ValueError(f"`--runs` entry {spec!r} is not one of fp32, gamma:<float>, target:<size>, bits:<int>, "
                      f"diffq:<penalty>, "
                      f"gamma and target optionally followed by ,<option>=<value> "
-                     f"with options {', '.join(RUN_OPTIONS)}.")
+                     f"with options {', '.join(RUN_OPTIONS)}, bits by ,levels=<levels> alone.")
 
 
 def compressor(kind: str, value, options: dict[str, float]) -> selfcompress.SelfCompress | None:
@@ -258,7 +260,7 @@ def compressor(kind: str, value, options: dict[str, float]) -> selfcompress.Self
         return make_callback(value, **options)
     if kind == "target":
         return make_callback(None, target_size=value, **options)
-    return fixed_bits_callback(int(value))
+    return fixed_bits_callback(int(value), **options)  # bits:1,levels=signs: every weight its sign
 
 
 def fit(train_loader, probe_loaders, cfg: dict, spec: str, seed: int):

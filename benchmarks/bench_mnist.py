@@ -84,13 +84,14 @@ def make_callback(gamma: float, **kwargs) -> selfcompress.SelfCompress:
     return selfcompress.SelfCompress(gamma=gamma, **kwargs)
 
 
-def fixed_bits_callback(bits: int) -> selfcompress.SelfCompress:
+def fixed_bits_callback(bits: int, levels: str = "paper") -> selfcompress.SelfCompress:
     """Fixed-bit quantization-aware training with our quantizer: every channel at ``bits``, scales learned.
 
     No size penalty (gamma 0) and a bit-depth learning rate too small to move a depth
-    (at most 1e-9 a step), so only the exponents and the weights train.
+    (at most 1e-9 a step), so only the exponents and the weights train. ``bits=1`` with
+    ``levels="signs"`` holds every weight's sign times its channel's scale.
     """
-    return make_callback(0.0, initial_bits=float(bits), bits_lr=1e-9, shrink_every=None)
+    return make_callback(0.0, initial_bits=float(bits), levels=levels, bits_lr=1e-9, shrink_every=None)
 
 
 def fit(train_loader, epochs: int, gamma: float | None, seed: int, max_steps: int = -1, net: nn.Module | None = None,

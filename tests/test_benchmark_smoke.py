@@ -312,6 +312,8 @@ def test_cifar_run_entries_are_checked() -> None:
     assert parse_run("target:2%,bn_samples=4096")[2] == {"bn_samples": 4096}  # an int, as the callback wants
     assert isinstance(parse_run("target:2%,bn_samples=4096")[2]["bn_samples"], int)
     assert parse_run("diffq:10") == ("diffq", 10.0, {})
+    assert parse_run("bits:1,levels=signs") == ("bits", 1.0, {"levels": "signs"})
+    assert load("bench_cifar").compressor(*parse_run("bits:1,levels=signs")).levels == "signs"
     assert parse_run("target:2%,levels=signs")[2] == {"levels": "signs"}
     assert parse_run("target:5%,exclude=net.0,output_min_bits=8")[2] == {"exclude": "net.0", "output_min_bits": 8.0}
     callback = load("bench_cifar").compressor(*parse_run("target:5%,exclude=net.0"))
