@@ -91,15 +91,13 @@ class EvalVersusReestimated(pl.Callback):
         was_training = net.training
         with torch.random.fork_rng(devices=[]):
             eval_acc = accuracy(net, self.test)
-            twins = [self._twin_accuracy(net, shuffle) for shuffle in self.shuffles]
+            twins = [reestimated_accuracy(net, shuffle, self.test, self.reestimate_batches)
+                     for shuffle in self.shuffles]
         net.train(was_training)
         compressing = self.compress is not None and self.compress.graph is not None
         size = self.compress.size().fraction_of_fp32 if compressing else 1.0
         row = dict(epoch=trainer.current_epoch, size=size, eval=eval_acc, twin=twins[0])
         self.rows.append(row | ({"twin2": twins[1]} if len(twins) > 1 else {}))
-
-    def _twin_accuracy(self, net: torch.nn.Module, shuffle: DataLoader) -> float:
-        return reestimated_accuracy(net, shuffle, self.test, self.reestimate_batches)
 
 
 def reestimated_accuracy(net: torch.nn.Module, train: DataLoader, test: DataLoader, batches: int | None) -> float:
