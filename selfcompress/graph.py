@@ -20,7 +20,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from selfcompress.layers import COMPRESSIBLE, quantized_tensors
+from selfcompress.layers import COMPRESSIBLE, quantized_tensors, shared_parameters
 
 #: Modules that normalise across channels: a channel they see cannot be removed exactly.
 CHANNEL_NORMALISERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
@@ -290,6 +290,7 @@ def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> Channe
     names = {module: name for name, module in model.named_modules()}
     weight_names = {(t.module, t.attr): t.name for t in quantized_tensors(model)}
     root_types = tuple(COMPRESSIBLE)
+    tied = shared_parameters(model)
 
     producers: dict[str, list[tuple[Tensor, Tensor]]] = {}
     consumers: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -318,6 +319,12 @@ def build_graph(model: nn.Module, inputs: ExampleInputs | None = None) -> Channe
             idxs = torch.as_tensor(item.idxs, dtype=torch.int64)
             channels = torch.as_tensor(item.root_idxs, dtype=torch.int64) + offset
             handler = item.dep.handler
+            shared = next((tied[id(p)] for p in module.parameters(recurse=False) if id(p) in tied), None)
+            if shared is not None:
+                reason = reason or (
+                    f"{' and '.join(shared)} are one shared (tied) parameter: slicing it for one "
+                    "module would change the others"
+                )
             if isinstance(module, CHANNEL_NORMALISERS):
                 reason = reason or f"{type(module).__name__} '{names[module]}' normalises over these channels"
             elif isinstance(module, nn.MultiheadAttention):

@@ -55,6 +55,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from selfcompress.batchnorm import STATISTICS, eval_form_state, eval_form_variance
 from selfcompress.entropy import CODERS, compress, decode_codes, decompress, encode_codes
 from selfcompress.finalize import compressed, mark_compact
+from selfcompress.layers import shared_parameters
 from selfcompress.packing import pack_codes, packed_nbytes, unpack_codes
 from selfcompress.quantize import dequantize, restored_codes
 from selfcompress.surgery import resize_to_state_dict
@@ -124,7 +125,13 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
     # One order whatever form ``model`` came in: modules as they nest, each one's tensors by name.
     order = {module_name: i for i, (module_name, _) in enumerate(compact.named_modules(remove_duplicate=False))}
     state, constants = eval_form_state(compact)
+    tied_seen: set[int] = set()
+    tied = {name: key for key, names in shared_parameters(compact).items() for name in names}
     for name in sorted(state, key=lambda n: (order.get(n.rpartition(".")[0], len(order)), n.rpartition(".")[2])):
+        if name in tied:  # a tied parameter is stored once, under its first name; `load` ties it again
+            if tied[name] in tied_seen:
+                continue
+            tied_seen.add(tied[name])
         value = state[name]
         module_name, _, attr = name.rpartition(".")
         if module_name not in groups:
@@ -487,6 +494,17 @@ def _check_model(model: nn.Module, manifest: dict, shapes: dict[str, tuple[int, 
             )
 
 
+def _with_tied(model: nn.Module, found: dict[str, Any]) -> dict[str, Any]:
+    """``found`` (by state-dict name) with the names the file leaves out, as tied parameters of ``model``, filled in
+    from the name it holds."""
+    found = dict(found)
+    for names in shared_parameters(model).values():
+        held = next((name for name in names if name in found), None)
+        if held is not None:
+            found.update({name: found[held] for name in names if name not in found})
+    return found
+
+
 def _apply(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Resize ``model`` to the saved shapes (attributes follow the shapes), then load strictly."""
     resize_to_state_dict(model, state)
@@ -524,13 +542,13 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 or not all(isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values())
             ):
                 raise TypeError("`modules` must map names to [type, attributes]")
-            shapes = _file_shapes(manifest, stored)
+            shapes = _with_tied(model, _file_shapes(manifest, stored))
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
         _check_model(model, manifest, shapes)  # before decoding: the model bounds what the file may expand to
         try:
             eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
-            state = _file_state(manifest, stored, eps)
+            state = _with_tied(model, _file_state(manifest, stored, eps))
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             if isinstance(error, SelfCompressFormatError):
                 raise

@@ -8,6 +8,8 @@ Each compressible weight gets a :class:`ChannelQuantizer` through
 from __future__ import annotations
 
 import fnmatch
+import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -170,20 +172,41 @@ def prepare(
         if not any(isinstance(module, cls) for module in modules.values()):
             raise ValueError(f"`exclude_types` entry {cls.__name__} matches no module of the model.")
 
-    targets = []
+    holders = shared_parameters(model)
+    targets, tied = [], {}
     for name, module in modules.items():
         if isinstance(module, exclude_types) or any(fnmatch.fnmatchcase(name, p) for p in exclude_names):
             continue
-        targets += [(module, attr) for attr in compressible_weights(module)]
+        for attr in compressible_weights(module):
+            key = id(getattr(module, attr))
+            if key in holders:
+                tied[key] = holders[key]
+            else:
+                targets.append((module, attr))
+    for names in tied.values():
+        warnings.warn(
+            f"{' and '.join(names)} are one shared (tied) parameter: left uncompressed, since a "
+            "quantizer under one name would give the others different values.",
+            stacklevel=2,
+        )
     if not targets:
         raise ValueError(
             "`model` has nothing to compress: no nn.Linear, nn.Conv1d/2d/3d or "
-            "nn.MultiheadAttention weight is left after `exclude_names`/`exclude_types`."
+            "nn.MultiheadAttention weight is left after `exclude_names`/`exclude_types` "
+            "(shared, tied weights are left uncompressed)."
         )
     for module, attr in targets:
         quantizer = ChannelQuantizer(getattr(module, attr), initial_bits, levels)
         parametrize.register_parametrization(module, attr, quantizer, unsafe=True)
     return quantized_tensors(model)
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """The parameters of ``model`` reachable under more than one name (tied weights), by ``id``."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names[id(parameter)].append(name)
+    return {key: found for key, found in names.items() if len(found) > 1}
 
 
 def bake(model: nn.Module) -> nn.Module:
