@@ -495,8 +495,7 @@ def _check_model(model: nn.Module, manifest: dict, shapes: dict[str, tuple[int, 
 
 
 def _with_tied(model: nn.Module, found: dict[str, Any]) -> dict[str, Any]:
-    """``found`` (by state-dict name) with the names the file leaves out, as tied parameters of ``model``, filled in
-    from the name it holds."""
+    """``found`` (by state-dict name) with each tied name of ``model`` it lacks, taken from the one it holds."""
     found = dict(found)
     for names in shared_parameters(model).values():
         held = next((name for name in names if name in found), None)

@@ -66,7 +66,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_channels_feeding_a_tied_weight_are_not_removed(trained) -> None:
-    model, callback, _ = trained
+    model, _, _ = trained
     hidden = next(t for t in quantized_tensors(model) if t.name == "hidden.weight")
     assert not hidden.quantizer.open.all()  # some channels closed: slicing them would cut the tied weight
     compact = selfcompress.finalize(model)
