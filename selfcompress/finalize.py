@@ -26,6 +26,7 @@ from selfcompress.graph import (
     clone_inputs,
     example_inputs,
     first_calls,
+    forget_example_inputs,
     run_forward,
     set_example_inputs,
     stop_recording,
@@ -139,9 +140,10 @@ def compressed(
     module's weights are set to exactly ``dequantize(codes, scale)``. The compact module
     remembers ``inputs``, so it is itself a valid input later.
     """
-    if inputs is None and example_inputs(model) is None and getattr(model, COMPACT, False):
+    compact = state_network(model) if is_lightning_module(model) and not getattr(model, COMPACT, False) else model
+    if inputs is None and example_inputs(model) is None and getattr(compact, COMPACT, False):
         # Written by `load` (or `finalize`): nothing left to remove, so no forward call is needed.
-        plain = bake(_plain_copy(model))
+        plain = bake(_plain_copy(compact))
         layers = layer_codes(plain)
         if layers:
             mark_compact(plain)
@@ -172,6 +174,7 @@ def compressed(
         )
     for root, reason in report.kept.items():
         log.info("finalize kept closed channels of '%s': %s", root, reason)
+    forget_example_inputs(plain)
     set_example_inputs(plain, inputs)
     mark_compact(plain)
     return plain, report, layers
@@ -206,12 +209,12 @@ def plain_module(model: nn.Module, inputs: Any = None) -> tuple[nn.Module, Examp
     stop_recording(model)
     plain = bake(_plain_copy(traced))
     inputs = clone_inputs(inputs)
-    if _is_lightning_module(plain):
+    if is_lightning_module(plain):
         plain, inputs = _network(plain, inputs)
     return plain, inputs
 
 
-def _is_lightning_module(module: nn.Module) -> bool:
+def is_lightning_module(module: nn.Module) -> bool:
     # By name: Lightning is imported only by the callback.
     return any(
         cls.__name__ == "LightningModule" and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
@@ -222,12 +225,27 @@ def _is_lightning_module(module: nn.Module) -> bool:
 def _network(module: nn.Module, inputs: ExampleInputs) -> tuple[nn.Module, ExampleInputs]:
     """The innermost submodule called in ``module``'s forward that holds all of its state."""
     calls = first_calls(module, inputs)
-    state = {id(t) for t in [*module.parameters(), *module.buffers()]}
+    state = _state(module)
     found = module, inputs
     for sub in module.modules():
-        if sub in calls and state <= {id(t) for t in [*sub.parameters(), *sub.buffers()]}:
+        if sub in calls and state <= _state(sub):
             found = sub, calls[sub]
     return found
+
+
+def state_network(module: nn.Module) -> nn.Module:
+    """The innermost submodule of ``module`` that holds all of its state (``module`` if none).
+
+    A fresh LightningModule's network, found without a forward call: the module a file
+    written from the trained one holds (see :func:`_network`), as long as its forward calls it.
+    """
+    state = _state(module)
+    holders = [sub for sub in module.modules() if state <= _state(sub)]
+    return holders[-1] if state else module
+
+
+def _state(module: nn.Module) -> set[int]:
+    return {id(t) for t in [*module.parameters(), *module.buffers()]}
 
 
 def _compressible_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

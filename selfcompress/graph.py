@@ -32,7 +32,9 @@ CHANNEL_NORMALISERS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, 
 CHANNEL_PRODUCTS: tuple[str, ...] = ("Bmm", "Baddbmm", "MatMul", "ScaledDotProduct", "Attention", "Einsum")
 
 ExampleInputs = tuple[tuple[Any, ...], dict[str, Any]]
-_examples: weakref.WeakKeyDictionary[nn.Module, ExampleInputs] = weakref.WeakKeyDictionary()
+#: Where a module keeps the inputs recorded for it: a plain attribute, so that a copy of the
+#: module (``copy.deepcopy``, pickling) knows them too.
+_EXAMPLES = "_selfcompress_example_inputs"
 _recording: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
@@ -119,8 +121,8 @@ def record_example_inputs(model: nn.Module) -> None:
 
     def remember(module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Lightning's DDP wrapper points a module's forward at training_step: not real inputs.
-        if module not in _examples and "forward" not in module.__dict__:
-            _examples[module] = _first_samples((args, kwargs))
+        if _EXAMPLES not in module.__dict__ and "forward" not in module.__dict__:
+            set_example_inputs(module, (args, kwargs))
 
     def done(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         stop_recording(model)
@@ -138,7 +140,7 @@ def stop_recording(model: nn.Module) -> None:
 
 def example_inputs(model: nn.Module) -> ExampleInputs | None:
     """Inputs recorded for ``model`` by :func:`record_example_inputs`, if any."""
-    recorded = _examples.get(model)
+    recorded = model.__dict__.get(_EXAMPLES)
     if recorded is None and getattr(model, "example_input_array", None) is not None:
         array = model.example_input_array
         if isinstance(array, tuple):
@@ -165,7 +167,13 @@ def traced_module(model: nn.Module) -> tuple[nn.Module, ExampleInputs] | None:
 
 
 def set_example_inputs(model: nn.Module, inputs: ExampleInputs) -> None:
-    _examples[model] = _first_samples(inputs)
+    model.__dict__[_EXAMPLES] = _first_samples(inputs)
+
+
+def forget_example_inputs(model: nn.Module) -> None:
+    """Drop the inputs recorded for ``model`` and its submodules (stale once channels left)."""
+    for module in model.modules():
+        module.__dict__.pop(_EXAMPLES, None)
 
 
 def map_tensors(fn: Callable[[Tensor], Tensor], value: Any) -> Any:

@@ -54,7 +54,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfcompress.batchnorm import STATISTICS, eval_form_state, eval_form_variance
 from selfcompress.entropy import CODERS, compress, decode_codes, decompress, encode_codes
-from selfcompress.finalize import compressed, mark_compact
+from selfcompress.finalize import compressed, is_lightning_module, mark_compact, state_network
 from selfcompress.layers import shared_parameters
 from selfcompress.packing import pack_codes, packed_nbytes, unpack_codes
 from selfcompress.quantize import dequantize, restored_codes
@@ -494,6 +494,14 @@ def _check_model(model: nn.Module, manifest: dict, shapes: dict[str, tuple[int, 
             )
 
 
+def _load_target(model: nn.Module, file_shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """The module a file goes into: ``model``, or the network of a LightningModule whose own
+    tensor names are not the file's (``save`` wrote that network)."""
+    if is_lightning_module(model) and not set(file_shapes) <= set(model.state_dict()):
+        return state_network(model)
+    return model
+
+
 def _with_tied(model: nn.Module, found: dict[str, Any]) -> dict[str, Any]:
     """``found`` (by state-dict name) with each tied name of ``model`` it lacks, taken from the one it holds."""
     found = dict(found)
@@ -519,7 +527,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     the file and are shrunk to it, every other dimension must be equal. Its weights are
     set to ``codes * scale`` exactly as :func:`~selfcompress.finalize` sets them, so on the
     same device its outputs equal the finalized model's bit for bit. Entropy-coded files and
-    files of versions 1 and 2 load too.
+    files of versions 1 and 2 load too. ``model`` may also be a fresh LightningModule
+    holding the network: the file written from a trained one holds its network (see
+    :func:`save`), which is then loaded into the fresh one's network.
 
     Returns:
         ``model``, loaded in place.
@@ -541,9 +551,11 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
                 or not all(isinstance(v, list) and len(v) == 2 and isinstance(v[1], dict) for v in modules.values())
             ):
                 raise TypeError("`modules` must map names to [type, attributes]")
-            shapes = _with_tied(model, _file_shapes(manifest, stored))
+            file_shapes = _file_shapes(manifest, stored)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
+        given, model = model, _load_target(model, file_shapes)
+        shapes = _with_tied(model, file_shapes)
         _check_model(model, manifest, shapes)  # before decoding: the model bounds what the file may expand to
         try:
             eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
@@ -558,4 +570,4 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             raise SelfCompressFormatError(f"the model does not match '{path}': {error}") from error
         _apply(model, state)
         mark_compact(model)
-        return model
+        return given

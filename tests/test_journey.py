@@ -8,6 +8,8 @@ under the grad mode a user would be in, and every step's outputs are checked.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -60,3 +62,31 @@ def test_every_form_writes_the_same_file(run: Run, tmp_path) -> None:
             selfcompress.save(form, path, inputs=x)
         files.append(path.read_bytes())
     assert all(data == files[0] for data in files[1:])
+
+
+def test_the_lightning_module_saved_loads_into_a_fresh_one(run: Run, tmp_path) -> None:
+    """`save(model)` of the trained LightningModule, then `load(path, Module())`: the same class back."""
+    path = tmp_path / "net.safetensors"
+    with torch.inference_mode():
+        selfcompress.save(run.model, path)
+    fresh = Module(run.arch)
+    loaded = selfcompress.load(path, fresh)
+    assert loaded is fresh
+    assert torch.equal(eval_outputs(loaded, run.x), eval_outputs(selfcompress.load(path, NETS[run.arch][0]()), run.x))
+    assert_same_outputs(eval_outputs(loaded, run.x), eval_outputs(run.model, run.x))
+    # Each next step takes it as it is, without inputs: finalize, save (the same file), report.
+    again = tmp_path / "again.safetensors"
+    with torch.no_grad():
+        compact = selfcompress.finalize(loaded)
+        selfcompress.save(loaded, again)
+    assert torch.equal(eval_outputs(compact, run.x), eval_outputs(loaded, run.x))
+    assert again.read_bytes() == path.read_bytes()
+    assert selfcompress.report(loaded).total_bytes == selfcompress.report(run.model).total_bytes
+
+
+def test_a_copy_of_the_trained_model_needs_no_inputs(run: Run) -> None:
+    """A deep copy (an EMA or "best so far" copy) finalizes as the trained model does."""
+    copied = copy.deepcopy(run.model)
+    with torch.inference_mode():
+        compact = selfcompress.finalize(copied)
+    assert_same_outputs(eval_outputs(compact, run.x), eval_outputs(run.model, run.x))
