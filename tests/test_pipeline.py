@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import selfcompress
 from selfcompress import SelfCompress, SelfCompressFormatError, bake, finalize, load, report, save
+from selfcompress.graph import forget_example_inputs
 from selfcompress.layers import quantized_tensors
 from tests.helpers import Classifier, small_cnn, tiny_trainer
 from tests.models import ResNet9
@@ -222,6 +223,7 @@ def test_a_plain_model_baked_from_training_without_shrinking(arch: str, tmp_path
 def test_inputs_may_be_a_tensor_positional_args_or_args_and_kwargs() -> None:
     model = train("small_cnn", shrink_every=1)
     plain = bake(copy.deepcopy(model.net))
+    forget_example_inputs(plain)  # a copy knows the inputs recorded in training: as loaded from elsewhere, it would not
     x = torch.randn(2, 1, 8, 8)
     with pytest.raises(ValueError, match="`inputs`"):
         finalize(plain)
