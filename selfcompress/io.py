@@ -180,6 +180,8 @@ def save(model: nn.Module, path: str | os.PathLike, inputs: Any = None, *, entro
         "manifest_bytes": len(compressed_body),
     }
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"`path` {str(path)!r}: the directory {str(path.parent)!r} does not exist.")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -159,6 +159,14 @@ def test_save_leaves_model_unchanged(tmp_path):
     assert (tmp_path / "a.sc").read_bytes() == (tmp_path / "b.sc").read_bytes()
 
 
+def test_save_into_a_missing_directory_names_the_path(tmp_path):
+    model, inputs = trained_net(seed=1)
+    path = tmp_path / "missing" / "a.sc"
+    with pytest.raises(FileNotFoundError, match="missing/a.sc.*does not exist"):
+        save(model, path, inputs)
+    assert not (tmp_path / "missing").exists()
+
+
 def _expect_format_error(path, model=None, match=None):
     model = model if model is not None else make_net()
     before = _snapshot(model)
