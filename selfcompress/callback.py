@@ -214,15 +214,6 @@ class SelfCompress(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._tensors = prepare(
-            pl_module,
-            initial_bits=self.initial_bits,
-            levels=self.levels,
-            exclude_names=self.exclude_names,
-            exclude_types=self.exclude_types,
-        )
-        if self._graph is None:
-            record_example_inputs(pl_module)
         self._shrinking = self.shrink_every is not None and trainer.world_size == 1
         if self.shrink_every is not None and trainer.world_size > 1:
             rank_zero_warn(
@@ -234,6 +225,21 @@ class SelfCompress(Callback):
                 "SelfCompress cannot change the shapes of a `torch.compile`d model while it trains: "
                 "pass `shrink_every=None` (closed channels stay masked until `selfcompress.finalize`)."
             )
+        if self._shrinking and any(type(c).__name__ == "StochasticWeightAveraging" for c in trainer.callbacks):
+            raise ValueError(
+                "SelfCompress cannot change the shapes of a model that `StochasticWeightAveraging` keeps an "
+                "average copy of: pass `shrink_every=None` (closed channels stay masked until "
+                "`selfcompress.finalize`)."
+            )
+        self._tensors = prepare(
+            pl_module,
+            initial_bits=self.initial_bits,
+            levels=self.levels,
+            exclude_names=self.exclude_names,
+            exclude_types=self.exclude_types,
+        )
+        if self._graph is None:
+            record_example_inputs(pl_module)
         self._module = pl_module
         if self._resize_hook is None:
             # Plain state dicts (checkpoints hold one) and shrunken ones: fit the model to them before loading.

@@ -3,8 +3,9 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 
+import selfcompress
 from selfcompress import SelfCompress
 from tests.helpers import Classifier, random_loader, small_cnn, tiny_trainer
 
@@ -112,6 +113,17 @@ def test_compiled_models_are_refused_while_shrinking() -> None:
     model = torch.compile(Classifier(small_cnn()))
     with pytest.raises(ValueError, match="torch.compile"):
         tiny_trainer(1, callbacks=[SelfCompress(gamma=0.1)]).fit(model, random_loader())
+
+
+def test_stochastic_weight_averaging_is_refused_while_shrinking() -> None:
+    """Its average copy keeps the old shapes; refused before the model is touched."""
+    model = Classifier(small_cnn())
+    swa = StochasticWeightAveraging(swa_lrs=1e-2)
+    with pytest.raises(ValueError, match="StochasticWeightAveraging.*shrink_every=None"):
+        tiny_trainer(1, callbacks=[SelfCompress(gamma=0.1), swa]).fit(model, random_loader())
+    assert not selfcompress.quantized_tensors(model)
+    masking = SelfCompress(gamma=0.1, shrink_every=None)
+    tiny_trainer(1, callbacks=[masking, swa]).fit(Classifier(small_cnn()), random_loader())
 
 
 def test_bad_shrink_every_is_refused() -> None:
