@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -225,7 +225,7 @@ class SelfCompress(Callback):
                 "SelfCompress cannot change the shapes of a `torch.compile`d model while it trains: "
                 "pass `shrink_every=None` (closed channels stay masked until `selfcompress.finalize`)."
             )
-        if self._shrinking and any(type(c).__name__ == "StochasticWeightAveraging" for c in trainer.callbacks):
+        if self._shrinking and any(isinstance(c, StochasticWeightAveraging) for c in trainer.callbacks):
             raise ValueError(
                 "SelfCompress cannot change the shapes of a model that `StochasticWeightAveraging` keeps an "
                 "average copy of: pass `shrink_every=None` (closed channels stay masked until "

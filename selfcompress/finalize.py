@@ -140,8 +140,8 @@ def compressed(
     module's weights are set to exactly ``dequantize(codes, scale)``. The compact module
     remembers ``inputs``, so it is itself a valid input later.
     """
-    compact = state_network(model) if is_lightning_module(model) and not getattr(model, COMPACT, False) else model
-    if inputs is None and example_inputs(model) is None and getattr(compact, COMPACT, False):
+    compact = _compact_form(model) if inputs is None and example_inputs(model) is None else None
+    if compact is not None:
         # Written by `load` (or `finalize`): nothing left to remove, so no forward call is needed.
         plain = bake(_plain_copy(compact))
         layers = layer_codes(plain)
@@ -178,6 +178,13 @@ def compressed(
     set_example_inputs(plain, inputs)
     mark_compact(plain)
     return plain, report, layers
+
+
+def _compact_form(model: nn.Module) -> nn.Module | None:
+    """``model`` if ``load`` or ``finalize`` wrote it, or the network of a LightningModule ``load`` wrote."""
+    if not getattr(model, COMPACT, False) and is_lightning_module(model):
+        model = state_network(model)
+    return model if getattr(model, COMPACT, False) else None
 
 
 def mark_compact(module: nn.Module) -> None:

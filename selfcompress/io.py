@@ -556,20 +556,20 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             file_shapes = _file_shapes(manifest, stored)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
-        given, model = model, _load_target(model, file_shapes)
-        shapes = _with_tied(model, file_shapes)
-        _check_model(model, manifest, shapes)  # before decoding: the model bounds what the file may expand to
+        target = _load_target(model, file_shapes)
+        shapes = _with_tied(target, file_shapes)
+        _check_model(target, manifest, shapes)  # before decoding: the model bounds what the file may expand to
         try:
-            eps = {name: m.eps for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
-            state = _with_tied(model, _file_state(manifest, stored, eps))
+            eps = {name: m.eps for name, m in target.named_modules() if isinstance(m, _BatchNorm)}
+            state = _with_tied(target, _file_state(manifest, stored, eps))
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             if isinstance(error, SelfCompressFormatError):
                 raise
             raise SelfCompressFormatError(f"'{path}' is corrupted: {error!r}") from error
         try:
-            _apply(copy.deepcopy(model), state)  # dry run: the real model stays untouched on failure
+            _apply(copy.deepcopy(target), state)  # dry run: the real model stays untouched on failure
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
             raise SelfCompressFormatError(f"the model does not match '{path}': {error}") from error
-        _apply(model, state)
-        mark_compact(model)
-        return given
+        _apply(target, state)
+        mark_compact(target)
+        return model
